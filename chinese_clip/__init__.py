@@ -1,0 +1,1 @@
+"""Chinese CLIP pretraining and fine-tuning recipe."""

@@ -1,0 +1,32 @@
+"""Training and evaluation data from a DataConfig."""
+from __future__ import annotations
+
+from torch.utils.data import DataLoader
+
+from chinese_clip.config import DataConfig
+from chinese_clip.data.collate import ImageTextCollator
+from chinese_clip.data.sampler import GlobalBatchSampler
+from chinese_clip.data.synthetic import SyntheticShapes
+from chinese_clip.tokenizer import ChineseTokenizer
+
+
+def build_collator(cfg: DataConfig, tokenizer: ChineseTokenizer) -> ImageTextCollator:
+    return ImageTextCollator(tokenizer, cfg.mean, cfg.std)
+
+
+def build_train_loader(cfg: DataConfig, tokenizer: ChineseTokenizer, image_size: int, *, rank: int,
+                       world_size: int, seed: int, start_step: int = 0) -> DataLoader:
+    """An endless loader of this rank's share of each global batch (see GlobalBatchSampler)."""
+    dataset = SyntheticShapes("train", cfg.synthetic.train_size, image_size, seed=cfg.synthetic.seed)
+    sampler = GlobalBatchSampler(len(dataset), cfg.batch_size, rank=rank, world_size=world_size,
+                                 seed=seed, start_step=start_step)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=build_collator(cfg, tokenizer),
+                      num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
+
+
+def build_eval_sets(cfg: DataConfig, image_size: int) -> dict[str, SyntheticShapes]:
+    """Held-out images of the trained colour x shape pairs, and of the four never-trained pairs."""
+    return {
+        "val": SyntheticShapes("val", cfg.synthetic.val_size, image_size, seed=cfg.synthetic.seed),
+        "novel": SyntheticShapes("novel", cfg.synthetic.val_size // 4, image_size, seed=cfg.synthetic.seed),
+    }

@@ -1,0 +1,92 @@
+"""The distributed runtime: the Accelerator, its DeepSpeed config, and the run directory.
+
+Whatever the Python config owns (batch sizes, clipping, precision) is written into the DeepSpeed
+config here; a JSON value that contradicts it stops the run with one line instead of a DeepSpeed
+assertion after the model is built.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
+
+from chinese_clip.config import Config, ConfigError, RunConfig, TrainConfig
+
+# DeepSpeed still calls the torch.distributed collectives that torch 2.14 renamed; one warning
+# per call per step would bury the progress bar.
+warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+
+
+def resolve_mixed_precision(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def build_accelerator(cfg: TrainConfig, run_dir: Path) -> Accelerator:
+    # Without CUDA, Accelerate only forms a process group for a multi-process DeepSpeed launch when
+    # the backend is named; otherwise every process silently trains alone. A single process must
+    # not name one (Accelerate would then wait for a process group nobody launched).
+    multi_process_cpu = not torch.cuda.is_available() and launched_processes() > 1
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if multi_process_cpu else []
+    accelerator = Accelerator(
+        mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
+        log_with="tensorboard",
+        project_dir=str(run_dir),
+        kwargs_handlers=handlers,
+    )
+    check_world_size(accelerator)
+    return accelerator
+
+
+def launched_processes() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_world_size(accelerator: Accelerator) -> None:
+    launched = launched_processes()
+    if launched > 1 and accelerator.num_processes != launched:
+        raise RuntimeError(
+            f"{launched} processes were launched but Accelerate sees {accelerator.num_processes}: each would "
+            "train alone on the same data. Launch with `accelerate launch` and a matching --num_processes."
+        )
+
+
+def configure_deepspeed(accelerator: Accelerator, cfg: Config) -> None:
+    """Fill the DeepSpeed config's "auto" values from the run config; refuse contradictions."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    ds = plugin.deepspeed_config
+    source = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "the DeepSpeed config")
+    micro = cfg.data.batch_size
+    owned = {
+        "train_micro_batch_size_per_gpu": (micro, "data.batch_size"),
+        "gradient_accumulation_steps": (1, "gradient accumulation (not configurable yet)"),
+        "train_batch_size": (micro * accelerator.num_processes, f"data.batch_size x {accelerator.num_processes} processes"),
+        "gradient_clipping": (cfg.optim.grad_clip, "optim.grad_clip"),
+    }
+    for key, (value, origin) in owned.items():
+        current = ds.get(key, "auto")
+        if current != "auto" and current != value:
+            raise ConfigError(f"{source}: {key} is {current} but {origin} gives {value}; set it to \"auto\"")
+        ds[key] = value
+    zero = ds.get("zero_optimization", {})
+    if zero.get("stage") == 3:
+        # The final consolidated weights are gathered from the shards; without this they cannot be.
+        if zero.get("stage3_gather_16bit_weights_on_model_save") is False:
+            raise ConfigError(f"{source}: stage3_gather_16bit_weights_on_model_save is false, so the final weights "
+                              "could not be saved; set it to true")
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    for section in ("optimizer", "scheduler"):
+        if section in ds:
+            raise ConfigError(f"{source}: remove the \"{section}\" section; the optimizer and lr schedule are set by optim.*")
+
+
+def run_dir_of(cfg: RunConfig) -> Path:
+    """One directory per run name, the same on every rank and on every relaunch of that run."""
+    return Path(cfg.output_dir or f"runs/{cfg.name}")

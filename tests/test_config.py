@@ -1,0 +1,112 @@
+"""Config loading: every shipped config builds its model; bad input is one clear line."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from chinese_clip.config import Config, ConfigError, load_config, save_config
+from chinese_clip.model import ChineseCLIP
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
+CN_CLIP_CONFIGS = Path(__import__("cn_clip.clip", fromlist=["x"]).__file__).parent / "model_configs"
+
+
+def test_there_are_configs():
+    assert any(p.stem == "tiny_synthetic" for p in CONFIGS)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_loads_and_builds_its_model(path):
+    assert path.read_text(encoding="utf-8").startswith("# accelerate launch"), "a config starts with its launch command"
+    cfg = load_config(path)
+    with torch.device("meta"):  # hub-sized presets without allocating their weights
+        model = ChineseCLIP(cfg.model)
+    image = torch.empty(2, 3, cfg.model.vision.image_size, cfg.model.vision.image_size, device="meta")
+    assert model.encode_image(image).shape == (2, cfg.model.embed_dim)
+    # BERT's mask code reads values, which meta tensors lack: check the text tower's shapes instead.
+    assert model.text_projection.weight.shape == (cfg.model.embed_dim, cfg.model.text.hidden_size)
+    assert model.text.embeddings.word_embeddings.weight.shape == (cfg.model.text.vocab_size, cfg.model.text.hidden_size)
+    assert cfg.data.context_length <= cfg.model.text.max_position_embeddings
+
+
+PRESETS = {  # our preset -> Chinese-CLIP's published vision and text configs
+    "vit_b16_roberta_base": ("ViT-B-16", "RoBERTa-wwm-ext-base-chinese"),
+    "vit_l14_roberta_base": ("ViT-L-14", "RoBERTa-wwm-ext-base-chinese"),
+    "vit_h14_roberta_large": ("ViT-H-14", "RoBERTa-wwm-ext-large-chinese"),
+    "vit_b16_rbt3": ("ViT-B-16", "RBT3-chinese"),
+}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_have_chinese_clip_architectures(preset):
+    vision_name, text_name = PRESETS[preset]
+    vision = json.loads((CN_CLIP_CONFIGS / f"{vision_name}.json").read_text())
+    text = json.loads((CN_CLIP_CONFIGS / f"{text_name}.json").read_text())
+    cfg = load_config(ROOT / "recipes" / "configs" / f"{preset}.yaml")
+    v, t = cfg.model.vision, cfg.model.text
+    assert cfg.model.embed_dim == vision["embed_dim"]
+    assert (v.image_size, v.patch_size, v.width, v.layers) == (
+        vision["image_resolution"], vision["vision_patch_size"], vision["vision_width"], vision["vision_layers"])
+    assert v.heads == vision["vision_width"] // vision.get("vision_head_width", 64)
+    assert (t.vocab_size, t.hidden_size, t.layers, t.heads, t.intermediate_size, t.max_position_embeddings) == (
+        text["vocab_size"], text["text_hidden_size"], text["text_num_hidden_layers"],
+        text["text_num_attention_heads"], text["text_intermediate_size"], text["text_max_position_embeddings"])
+
+
+def test_overrides_are_typed_and_dotted():
+    cfg = load_config(None, ["optim.lr=1e-3", "data.batch_size=64", "model.vision.patch_size=8",
+                             "optim.betas=[0.9, 0.95]", "run.output_dir=null", "loss.local_loss=true"])
+    assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)
+    assert cfg.data.batch_size == 64 and cfg.model.vision.patch_size == 8
+    assert cfg.optim.betas == (0.9, 0.95) and cfg.run.output_dir is None and cfg.loss.local_loss is True
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = load_config(None, ["optim.lr=3e-4", "model.text.layers=3"])
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+    assert load_config(None) == Config()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optim.lrr=1"], "unknown config key optim.lrr (did you mean optim.lr?)"),
+    (["modle.embed_dim=3"], "unknown config key modle"),
+    (["optim.lr=fast"], "optim.lr: expected a number, got 'fast'"),
+    (["data.batch_size=1.5"], "data.batch_size: expected an integer, got 1.5"),
+    (["data.batch_size=true"], "data.batch_size: expected an integer, got True"),
+    (["loss.name=triplet"], "loss.name: expected one of 'clip', got 'triplet'"),
+    (["optim.betas=[0.9]"], "optim.betas: expected a list of 2 values"),
+    (["eval.at_end=yes please"], "eval.at_end: expected true or false"),
+    (["model=3"], "model: expected a section"),
+    (["optim.lr"], "not of the form key=value"),
+])
+def test_bad_overrides_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert message in str(e.value)
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml is not valid YAML"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "missing.yaml"], "error: config file not found: missing.yaml"),
+    (["optim.lrr=1"], "error: unknown config key optim.lrr"),
+    (["train.steps=many"], "error: train.steps: expected an integer, got 'many'"),
+])
+def test_recipe_reports_config_errors_in_one_line(args, message, tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "recipes" / "pretrain.py"), *args],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,92 @@
+import dataclasses
+
+import torch
+
+from chinese_clip.model import ChineseCLIP
+
+
+def _inputs(cfg, batch=4, length=12):
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(batch, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g)
+    ids = torch.randint(103, 5000, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    ids[0, 6:] = 0
+    return pixels, ids, mask
+
+
+def test_encoders_return_normalised_features(tiny_model_cfg):
+    model = ChineseCLIP(tiny_model_cfg).eval()
+    pixels, ids, mask = _inputs(tiny_model_cfg)
+    image, text = model.encode_image(pixels), model.encode_text(ids, mask)
+    assert image.shape == text.shape == (4, 16)
+    torch.testing.assert_close(image.norm(dim=-1), torch.ones(4))
+    torch.testing.assert_close(text.norm(dim=-1), torch.ones(4))
+
+
+def test_padding_does_not_change_text_features(tiny_model_cfg):
+    model = ChineseCLIP(tiny_model_cfg).eval()
+    _, ids, mask = _inputs(tiny_model_cfg)
+    short = model.encode_text(ids[:1, :6], mask[:1, :6])
+    torch.testing.assert_close(model.encode_text(ids[:1], mask[:1]), short, atol=1e-5, rtol=1e-5)
+
+
+def test_scalar_parameters_have_shape_one_and_clip_init(tiny_model_cfg):
+    model = ChineseCLIP(tiny_model_cfg)
+    assert model.logit_scale.shape == (1,) and model.logit_bias.shape == (1,)
+    torch.testing.assert_close(model.logit_scale.exp(), torch.tensor([1 / 0.07]))
+    assert all(p.ndim > 0 for p in model.parameters())
+
+
+def test_logit_scale_is_clamped_at_100(tiny_model_cfg):
+    model = ChineseCLIP(tiny_model_cfg)
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)
+    *_, scale, _ = model(*_inputs(tiny_model_cfg))
+    torch.testing.assert_close(scale, torch.tensor([100.0]))
+
+
+def test_no_unused_parameters_for_ddp(tiny_model_cfg):
+    """BERT's pooler is not built; every parameter except the SigLIP bias gets a gradient."""
+    model = ChineseCLIP(tiny_model_cfg)
+    assert not any("pooler" in n for n, _ in model.named_parameters())
+    image, text, scale, _ = model(*_inputs(tiny_model_cfg))
+    (scale * image @ text.T).sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert missing == ["logit_bias"]
+
+
+def test_patch_dropout_only_in_training(tiny_model_cfg):
+    masked_cfg = dataclasses.replace(tiny_model_cfg, vision=dataclasses.replace(tiny_model_cfg.vision, patch_drop_rate=0.5))
+    torch.manual_seed(0)
+    masked = ChineseCLIP(masked_cfg)
+    plain = ChineseCLIP(tiny_model_cfg)
+    plain.load_state_dict(masked.state_dict())
+    pixels, *_ = _inputs(tiny_model_cfg)
+    masked.eval(), plain.eval()
+    torch.testing.assert_close(masked.encode_image(pixels), plain.encode_image(pixels))
+    masked.train(), plain.train()
+    assert not torch.allclose(masked.encode_image(pixels), plain.encode_image(pixels))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_cfg):
+    torch.manual_seed(0)
+    model = ChineseCLIP(tiny_model_cfg).train()
+    inputs = _inputs(tiny_model_cfg)
+
+    def grads():
+        model.zero_grad()
+        image, text, scale, _ = model(*inputs)
+        (scale * image @ text.T).logsumexp(-1).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    reference = grads()
+    model.set_grad_checkpointing(True)
+    checkpointed = grads()
+    assert reference.keys() == checkpointed.keys()
+    for name in reference:
+        torch.testing.assert_close(checkpointed[name], reference[name], msg=name)
+
+
+def test_text_tower_uses_sdpa(tiny_model_cfg):
+    assert ChineseCLIP(tiny_model_cfg).text.config._attn_implementation == "sdpa"

@@ -1,0 +1,38 @@
+import math
+
+import pytest
+
+from chinese_clip.config import OptimConfig
+from chinese_clip.model import ChineseCLIP
+from chinese_clip.optim import build_optimizer, lr_at, set_lr
+
+
+def test_no_decay_on_norms_biases_logit_params_and_vit_embeddings(tiny_model_cfg):
+    model = ChineseCLIP(tiny_model_cfg)
+    model.logit_bias.requires_grad_(False)
+    opt = build_optimizer(model, OptimConfig(weight_decay=0.2))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    no_decay = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert {"logit_scale", "visual.pos_embed", "visual.cls_token", "visual.norm_pre.weight",
+            "text.embeddings.LayerNorm.bias", "visual.blocks.0.attn.qkv.bias"} <= no_decay
+    assert {"visual_projection.weight", "text_projection.weight", "visual.blocks.0.attn.qkv.weight",
+            "text.encoder.layer.0.attention.self.query.weight", "text.embeddings.word_embeddings.weight"} <= decay
+    assert "logit_bias" not in decay | no_decay, "frozen parameters stay out of the optimizer"
+    assert decay | no_decay == {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_warmup_then_cosine_to_the_floor():
+    cfg = OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, 110, cfg) == pytest.approx(0.1)
+    assert lr_at(9, 110, cfg) == pytest.approx(1.0)
+    assert lr_at(60, 110, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(110, 110, cfg) == pytest.approx(0.1)
+    assert all(lr_at(s, 110, cfg) >= lr_at(s + 1, 110, cfg) for s in range(10, 110))
+
+
+def test_set_lr_applies_group_multipliers(tiny_model_cfg):
+    opt = build_optimizer(ChineseCLIP(tiny_model_cfg), OptimConfig())
+    opt.param_groups[1]["lr_scale"] = 0.5
+    set_lr(opt, 2e-3)
+    assert [g["lr"] for g in opt.param_groups] == [2e-3, 1e-3]
