@@ -76,6 +76,8 @@ class ChineseCLIP(nn.Module):
             self.text.activation_checkpointing_disable()
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # DeepSpeed bf16 casts the weights themselves (no autocast): the input must follow them.
+        pixel_values = pixel_values.to(self.visual.patch_embed.proj.weight.dtype)
         pooled = self.visual(pixel_values)  # [B, width], the class token after the final norm
         return F.normalize(self.visual_projection(pooled), dim=-1)  # [B, D]
 

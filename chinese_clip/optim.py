@@ -34,8 +34,15 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+def build_optimizer(model: nn.Module, cfg: OptimConfig, *, cpu_offload: bool = False) -> torch.optim.Optimizer:
+    """AdamW; with ZeRO-Offload, DeepSpeed's CPU AdamW (the same update, vectorised on the host),
+    since DeepSpeed refuses to step a plain torch optimizer on offloaded states."""
+    groups = param_groups(model, cfg)
+    if cpu_offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
 def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -15,6 +16,7 @@ from tqdm.auto import tqdm
 from chinese_clip.config import Config, flatten, save_config, to_dict
 from chinese_clip.losses import clip_loss
 from chinese_clip.optim import build_optimizer, lr_at, set_lr
+from chinese_clip.runtime import offloads_optimizer
 
 Evaluate = Callable[[nn.Module], dict[str, dict]]
 
@@ -32,7 +34,7 @@ class Trainer:
         self.train_loader, self.evaluate_fn = train_loader, evaluate
         # InfoNCE has no bias term: a parameter that never gets a gradient must not be trainable.
         model.logit_bias.requires_grad_(False)
-        optimizer = build_optimizer(model, cfg.optim)
+        optimizer = build_optimizer(model, cfg.optim, cpu_offload=offloads_optimizer(accelerator))
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
         self.global_batch = cfg.data.batch_size * accelerator.num_processes
@@ -68,7 +70,9 @@ class Trainer:
         if cfg.eval.at_start:
             results["before"] = self.evaluate("before")
         batches = iter(self.train_loader)
-        bar = tqdm(total=cfg.train.steps, desc="pretrain", disable=not acc.is_main_process, dynamic_ncols=True)
+        # In a log file (not a terminal) a redraw is a new line: redraw rarely there.
+        bar = tqdm(total=cfg.train.steps, desc="pretrain", disable=not acc.is_main_process, dynamic_ncols=True,
+                   mininterval=0.1 if sys.stderr.isatty() else 30)
         self.model.train()
         since, tic = 0, time.perf_counter()
         while self.step < cfg.train.steps:

@@ -4,6 +4,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from accelerate.utils import DistributedType
 
 from chinese_clip.config import ConfigError, load_config
 from chinese_clip.runtime import check_world_size, configure_deepspeed
@@ -17,7 +18,8 @@ def _accelerator(ds_config: dict, num_processes: int = 2):
 
 
 @pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "zero3_offload"])
-def test_shipped_configs_get_their_auto_values_filled(name):
+def test_shipped_configs_get_their_auto_values_filled(name, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # offload is a GPU-only path
     ds = json.loads((ROOT / "ds_configs" / f"{name}.json").read_text())
     configure_deepspeed(_accelerator(ds), load_config(None, ["data.batch_size=16", "optim.grad_clip=0.5"]))
     assert ds["train_micro_batch_size_per_gpu"] == 16 and ds["train_batch_size"] == 32
@@ -41,14 +43,23 @@ def test_contradictions_are_one_line_errors(ds, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+def test_offload_without_a_gpu_is_refused():
+    ds = json.loads((ROOT / "ds_configs" / "zero3_offload.json").read_text())
+    with pytest.raises(ConfigError, match="ZeRO-Offload needs a GPU"):
+        configure_deepspeed(_accelerator(ds), load_config(None))
+
+
 def test_no_deepspeed_is_left_alone():
     configure_deepspeed(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None)), load_config(None))
 
 
 def test_processes_that_train_apart_are_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(RuntimeError, match="2 processes were launched but Accelerate sees 1"):
-        check_world_size(SimpleNamespace(num_processes=1))
-    check_world_size(SimpleNamespace(num_processes=2))
+    with pytest.raises(RuntimeError, match="2 processes were launched but Accelerate runs 1 "):
+        check_world_size(SimpleNamespace(num_processes=1, distributed_type=DistributedType.DEEPSPEED))
+    # A process group without data parallelism (seen with --multi_gpu on a CPU machine): no gradient averaging.
+    with pytest.raises(RuntimeError, match="each would train alone"):
+        check_world_size(SimpleNamespace(num_processes=2, distributed_type=DistributedType.NO))
+    check_world_size(SimpleNamespace(num_processes=2, distributed_type=DistributedType.MULTI_CPU))
     monkeypatch.delenv("WORLD_SIZE")
-    check_world_size(SimpleNamespace(num_processes=1))
+    check_world_size(SimpleNamespace(num_processes=1, distributed_type=DistributedType.NO))
