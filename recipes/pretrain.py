@@ -8,6 +8,7 @@ laptop CPU) and prints its zero-shot scores before and after training.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -41,7 +42,8 @@ def main(argv: list[str] | None = None) -> dict:
         accelerator = build_accelerator(cfg.train, run_dir)
         configure_deepspeed(accelerator, cfg)
     except ConfigError as e:
-        sys.exit(f"error: {e}")
+        # Every rank sees the same config: one of them saying so is enough.
+        sys.exit(f"error: {e}" if os.environ.get("RANK", "0") == "0" else 2)
     set_seed(cfg.train.seed)  # the same initial weights on every rank
 
     # 2. Tokenizer and model.

@@ -1,4 +1,4 @@
-"""End-to-end runs of recipes/pretrain.py: one process, and 2-process DeepSpeed ZeRO-2/3 on CPU (gloo)."""
+"""End-to-end runs of recipes/pretrain.py: one process, and 2 CPU processes (gloo) under DeepSpeed ZeRO-2/3 and DDP."""
 import json
 import socket
 import subprocess
@@ -21,19 +21,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_pretrain(run_dir: Path, overrides: list[str], processes: int = 1, ds_config: str = "ddp"):
-    if processes == 1:
-        cmd = [sys.executable, PRETRAIN]
-    else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
-               "--main_process_port", str(_free_port())]
-        if ds_config == "ddp":
-            cmd += ["--multi_gpu"]  # on a machine without GPUs: DDP over gloo
-        else:
-            cmd += ["--use_deepspeed", "--deepspeed_config_file", str(ROOT / "ds_configs" / f"{ds_config}.json")]
-        cmd += [PRETRAIN]
-    result = subprocess.run(cmd + overrides + [f"run.output_dir={run_dir}"], capture_output=True, text=True,
-                            cwd=ROOT, timeout=900)
+def deepspeed(config: Path) -> list[str]:
+    return ["--use_deepspeed", "--deepspeed_config_file", str(config)]
+
+
+LAUNCHERS = {  # accelerate launch flags for 2 CPU processes
+    "zero2 (launcher yaml)": ["--config_file", str(ROOT / "ds_configs" / "accelerate" / "cpu_2proc_zero2.yaml")],
+    "zero3": deepspeed(ROOT / "ds_configs" / "zero3.json"),
+    "ddp": ["--multi_gpu"],  # on a machine without GPUs: DDP over gloo
+}
+
+
+def run_pretrain(run_dir: Path, overrides: list[str], launcher: list[str] | None = None):
+    """One process with launcher None, else `accelerate launch --num_processes 2 <launcher>`."""
+    cmd = [sys.executable, PRETRAIN]
+    if launcher is not None:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
+               "--main_process_port", str(_free_port()), *launcher, PRETRAIN]
+    return subprocess.run(cmd + overrides + [f"run.output_dir={run_dir}"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=900)
+
+
+def run_ok(*args, **kwargs):
+    result = run_pretrain(*args, **kwargs)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
@@ -46,7 +56,7 @@ def losses(run_dir: Path) -> list[float]:
 @pytest.fixture(scope="module")
 def single_process_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("single")
-    result = run_pretrain(run_dir, SHORT + ["data.batch_size=32"])
+    result = run_ok(run_dir, SHORT + ["data.batch_size=32"])
     return run_dir, result
 
 
@@ -63,11 +73,11 @@ def test_a_run_leaves_everything_a_user_needs(single_process_run):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ds_config", ["zero2", "zero3", "ddp"])
-def test_two_processes_match_one_process(single_process_run, tmp_path, ds_config):
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_two_processes_match_one_process(single_process_run, tmp_path, launcher):
     """Same global batch (2 x 16 vs 1 x 32), seed and data: the same losses step for step."""
     reference_dir, _ = single_process_run
-    run_pretrain(tmp_path, SHORT + ["data.batch_size=16"], processes=2, ds_config=ds_config)
+    run_ok(tmp_path, SHORT + ["data.batch_size=16"], launcher=LAUNCHERS[launcher])
     ours, reference = losses(tmp_path), losses(reference_dir)
     assert len(ours) == len(reference) == 6
     assert max(abs(a - b) for a, b in zip(ours, reference)) < 1e-4, (ours, reference)
@@ -82,9 +92,20 @@ def test_two_processes_match_one_process(single_process_run, tmp_path, ds_config
 
 
 @pytest.mark.slow
+def test_a_deepspeed_config_that_contradicts_the_run_config_stops_with_one_line(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 7, "zero_optimization": {"stage": 2}}))
+    result = run_pretrain(tmp_path / "run", ["data.batch_size=16"], launcher=deepspeed(bad))
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {bad}: train_micro_batch_size_per_gpu is 7 but data.batch_size gives 16; set it to \"auto\""]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
 def test_the_default_run_learns(tmp_path):
     """`python recipes/pretrain.py` with no config arguments: the product's first impression."""
-    run_pretrain(tmp_path, [])
+    run_ok(tmp_path, [])
     results = json.loads((tmp_path / "eval.json").read_text())
     chance = results["after"]["val"]["chance_top1"]
     assert results["before"]["val"]["top1"] < 2.5 * chance
