@@ -94,11 +94,6 @@ def configure_deepspeed(accelerator: Accelerator, cfg: Config) -> None:
             raise ConfigError(f"{source}: remove the \"{section}\" section; the optimizer and lr schedule are set by optim.*")
 
 
-def run_dir_of(cfg: RunConfig) -> Path:
-    """One directory per run name, the same on every rank and on every relaunch of that run."""
-    return Path(cfg.output_dir or f"runs/{cfg.name}")
-
-
 def offload_device(ds_config: dict) -> str:
     """Where ZeRO-Offload keeps optimizer states: "none", "cpu" or "nvme"."""
     return ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
@@ -107,3 +102,8 @@ def offload_device(ds_config: dict) -> str:
 def offloads_optimizer(accelerator: Accelerator) -> bool:
     plugin = accelerator.state.deepspeed_plugin
     return plugin is not None and offload_device(plugin.deepspeed_config) != "none"
+
+
+def run_dir_of(cfg: RunConfig) -> Path:
+    """One directory per run name, the same on every rank and on every relaunch of that run."""
+    return Path(cfg.output_dir or f"runs/{cfg.name}")

@@ -56,10 +56,13 @@ def main(argv: list[str] | None = None) -> dict:
                                       world_size=accelerator.num_processes, seed=cfg.train.seed)
     evaluate = synthetic_evaluator(cfg.data, image_size, tokenizer, accelerator.device, cfg.eval.batch_size)
 
-    # 4. Train, evaluate before and after, save.
+    # 4. Train, evaluate before and after, save (the tokenizer beside the weights: model/ is self-contained).
     accelerator.print(f"run directory: {run_dir}  processes: {accelerator.num_processes}  "
                       f"global batch: {cfg.data.batch_size * accelerator.num_processes}")
-    return Trainer(cfg, accelerator, model, train_loader, evaluate, run_dir).fit()
+    results = Trainer(cfg, accelerator, model, train_loader, evaluate, run_dir).fit()
+    if accelerator.is_main_process:
+        tokenizer.save(run_dir / "model")
+    return results
 
 
 if __name__ == "__main__":

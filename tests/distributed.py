@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -28,5 +28,5 @@ def _worker(rank: int, world_size: int, port: int, fn, args, out_dir: str) -> No
 def run_on_ranks(fn, *args, world_size: int = 2) -> list:
     """fn(*args) on every rank; returns each rank's result, in rank order. fn must be importable."""
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_worker, args=(world_size, _free_port(), fn, args, out_dir), nprocs=world_size)
+        mp.spawn(_worker, args=(world_size, free_port(), fn, args, out_dir), nprocs=world_size)
         return [torch.load(os.path.join(out_dir, f"{r}.pt")) for r in range(world_size)]

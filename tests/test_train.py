@@ -1,6 +1,5 @@
 """End-to-end runs of recipes/pretrain.py: one process, and 2 CPU processes (gloo) under DeepSpeed ZeRO-2/3 and DDP."""
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -8,17 +7,13 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from tests.distributed import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = str(ROOT / "recipes" / "pretrain.py")
 # A few steps of the tiny model; warmup short enough that the lr is not ~0 on the compared steps.
 SHORT = ["train.steps=6", "train.log_every=1", "optim.warmup_steps=2", "data.num_workers=0",
          "data.synthetic.val_size=48", "eval.at_start=false", "eval.batch_size=16"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def deepspeed(config: Path) -> list[str]:
@@ -37,7 +32,7 @@ def run_pretrain(run_dir: Path, overrides: list[str], launcher: list[str] | None
     cmd = [sys.executable, PRETRAIN]
     if launcher is not None:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
-               "--main_process_port", str(_free_port()), *launcher, PRETRAIN]
+               "--main_process_port", str(free_port()), *launcher, PRETRAIN]
     return subprocess.run(cmd + overrides + [f"run.output_dir={run_dir}"], capture_output=True, text=True,
                           cwd=ROOT, timeout=900)
 
@@ -67,6 +62,7 @@ def test_a_run_leaves_everything_a_user_needs(single_process_run):
     assert any((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
     weights = load_file(run_dir / "model" / "model.safetensors")
     assert weights["logit_scale"].shape == (1,) and "text_projection.weight" in weights
+    assert (run_dir / "model" / "vocab.txt").is_file() and (run_dir / "model" / "config.yaml").is_file()
     results = json.loads((run_dir / "eval.json").read_text())
     assert set(results["after"]) == {"val", "novel"} and results["after"]["val"]["num_images"] == 48
     assert "zero-shot top-1" in result.stdout
