@@ -62,6 +62,6 @@ def load_tokenizer(path: str | Path | None = None, context_length: int = 52) -> 
         vocab = vocab / "vocab.txt"
     if not vocab.is_file():
         raise FileNotFoundError(f"tokenizer vocabulary not found: {vocab} (expected a vocab.txt file or a directory with one)")
-    # transformers 5 ignores `vocab_file=` and maps every character to [UNK]: the argument is `vocab`.
+    # transformers 5 ignores a `vocab_file` keyword and maps every character to [UNK]: the argument is `vocab`.
     bert = BertTokenizer(vocab=str(vocab), do_lower_case=True, tokenize_chinese_chars=True)
     return ChineseTokenizer(bert, context_length)
