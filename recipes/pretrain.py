@@ -42,8 +42,9 @@ def main(argv: list[str] | None = None) -> dict:
         accelerator = build_accelerator(cfg.train, run_dir)
         configure_deepspeed(accelerator, cfg)
     except ConfigError as e:
-        # Every rank sees the same config: one of them saying so is enough.
-        sys.exit(f"error: {e}" if os.environ.get("RANK", "0") == "0" else 2)
+        if os.environ.get("RANK", "0") == "0":  # every rank sees the same config: one saying so is enough
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     set_seed(cfg.train.seed)  # the same initial weights on every rank
 
     # 2. Tokenizer and model.
