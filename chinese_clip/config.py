@@ -54,8 +54,10 @@ class ModelConfig:
     embed_dim: int = 512
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
-    init_logit_scale: float = math.log(1 / 0.07)  # CLIP's temperature 0.07
-    init_logit_bias: float = -10.0  # SigLIP's initial bias; unused (and frozen) by InfoNCE
+    # None: the loss's own choice (loss.name): InfoNCE starts at CLIP's temperature 0.07;
+    # SigLIP at scale 10 and bias -10, as in the SigLIP paper. InfoNCE has no bias (it is frozen).
+    init_logit_scale: Optional[float] = None  # log of the multiplier
+    init_logit_bias: Optional[float] = None
     grad_checkpointing: bool = False  # recompute both towers' activations in backward
 
 
@@ -80,15 +82,20 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    name: Literal["clip"] = "clip"
-    local_loss: bool = False  # only this rank's rows of the logit matrix: memory linear in the batch
+    name: Literal["clip", "siglip"] = "clip"  # InfoNCE over the global batch, or SigLIP's pairwise sigmoid
+    local_loss: bool = False  # clip: only this rank's rows of the logit matrix, memory linear in the batch
+    exchange: Literal["ring", "gather"] = "ring"  # siglip: pass texts around the ranks, or gather them once
+    chunk_size: Optional[int] = 1024  # siglip/triplet: image rows per logit block (recomputed in backward)
+    triplet_alpha: float = 0.0  # weight of the hardest-negative triplet term; 0 leaves it out
+    triplet_margin: float = 0.2  # in Euclidean distance between unit vectors (0..2)
+    mask_false_negatives: bool = True  # samples sharing an image id or a caption are not negatives
 
 
 @dataclass
 class OptimConfig:
     lr: float = 5e-4
     weight_decay: float = 0.2  # CLIP's; never applied to norms, biases, embeddings' scalars or logit params
-    betas: tuple[float, float] = (0.9, 0.98)  # CLIP's beta2 for stability at large batch
+    betas: tuple[float, float] = (0.9, 0.98)  # CLIP's; the SigLIP paper lowers beta2 to 0.95 at large batch
     eps: float = 1e-6
     warmup_steps: int = 500
     min_lr_ratio: float = 0.0  # cosine decays to lr x this
@@ -101,6 +108,9 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on GPUs that have it
     log_every: int = 10
+    # Gradient cache: one optimizer step over accum_freq micro-batches of data.batch_size, every
+    # sample a negative for every other, at the activation memory of one micro-batch.
+    accum_freq: int = 1
 
 
 @dataclass
@@ -145,7 +155,37 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else None)
-    return _build(Config, raw, prefix="")
+    return _resolve(_check(_build(Config, raw, prefix="")))
+
+
+LOGIT_INIT = {  # loss name -> (log logit scale, logit bias)
+    "clip": (math.log(1 / 0.07), -10.0),
+    "siglip": (math.log(10), -10.0),
+}
+
+
+def _check(cfg: Config) -> Config:
+    """Ranges and combinations that the types alone cannot express."""
+    positive = {"train.accum_freq": cfg.train.accum_freq, "train.steps": cfg.train.steps,
+                "data.batch_size": cfg.data.batch_size, "loss.chunk_size": 1 if cfg.loss.chunk_size is None else cfg.loss.chunk_size}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be at least 1, got {value}")
+    if cfg.loss.triplet_alpha < 0:
+        raise ConfigError(f"loss.triplet_alpha must be >= 0, got {cfg.loss.triplet_alpha}")
+    if cfg.loss.local_loss and cfg.loss.name != "clip":
+        raise ConfigError("loss.local_loss applies to loss.name=clip; siglip always computes this rank's rows only")
+    return cfg
+
+
+def _resolve(cfg: Config) -> Config:
+    """Fill the defaults that depend on other fields, so the saved config says what actually ran."""
+    scale, bias = LOGIT_INIT[cfg.loss.name]
+    if cfg.model.init_logit_scale is None:
+        cfg.model.init_logit_scale = scale
+    if cfg.model.init_logit_bias is None:
+        cfg.model.init_logit_bias = bias
+    return cfg
 
 
 def to_dict(cfg: Any) -> dict:

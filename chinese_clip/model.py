@@ -10,7 +10,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from transformers import BertConfig, BertModel
 
-from chinese_clip.config import ModelConfig, TextConfig, VisionConfig
+from chinese_clip.config import LOGIT_INIT, ModelConfig, TextConfig, VisionConfig
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the temperature so logits stay below 100
 
@@ -60,9 +60,13 @@ class ChineseCLIP(nn.Module):
         self.visual_projection = nn.Linear(cfg.vision.width, cfg.embed_dim, bias=False)
         self.text = build_text_tower(cfg.text)
         self.text_projection = nn.Linear(cfg.text.hidden_size, cfg.embed_dim, bias=False)
+        # A config that never went through load_config has no loss to take the defaults from: CLIP's.
+        default_scale, default_bias = LOGIT_INIT["clip"]
+        init_scale = default_scale if cfg.init_logit_scale is None else cfg.init_logit_scale
+        init_bias = default_bias if cfg.init_logit_bias is None else cfg.init_logit_bias
         # Shape [1], not []: DeepSpeed views every parameter as bytes, which a 0-dim tensor cannot do.
-        self.logit_scale = nn.Parameter(torch.full([1], cfg.init_logit_scale))
-        self.logit_bias = nn.Parameter(torch.full([1], cfg.init_logit_bias))
+        self.logit_scale = nn.Parameter(torch.full([1], init_scale))
+        self.logit_bias = nn.Parameter(torch.full([1], init_bias))
         nn.init.normal_(self.visual_projection.weight, std=cfg.vision.width**-0.5)
         nn.init.normal_(self.text_projection.weight, std=cfg.text.hidden_size**-0.5)
         if cfg.grad_checkpointing:

@@ -69,7 +69,9 @@ def configure_deepspeed(accelerator: Accelerator, cfg: Config) -> None:
     micro = cfg.data.batch_size
     owned = {
         "train_micro_batch_size_per_gpu": (micro, "data.batch_size"),
-        "gradient_accumulation_steps": (1, "gradient accumulation (not configurable yet)"),
+        # One engine step per optimizer step: train.accum_freq micro-batches go through the gradient
+        # cache, which backpropagates each micro-batch itself and steps the engine once.
+        "gradient_accumulation_steps": (1, "the gradient cache (train.accum_freq is not DeepSpeed accumulation)"),
         "train_batch_size": (micro * accelerator.num_processes, f"data.batch_size x {accelerator.num_processes} processes"),
         "gradient_clipping": (cfg.optim.grad_clip, "optim.grad_clip"),
     }
@@ -79,6 +81,9 @@ def configure_deepspeed(accelerator: Accelerator, cfg: Config) -> None:
             raise ConfigError(f"{source}: {key} is {current} but {origin} gives {value}; set it to \"auto\"")
         ds[key] = value
     zero = ds.get("zero_optimization", {})
+    if cfg.train.accum_freq > 1 and zero.get("stage", 0) not in (1, 2, 3):
+        raise ConfigError(f"{source}: train.accum_freq > 1 under DeepSpeed needs ZeRO stage 1, 2 or 3, which can "
+                          "hold the micro-batches' gradients and reduce them once per step")
     if zero.get("stage") == 3:
         # The final consolidated weights are gathered from the shards; without this they cannot be.
         if zero.get("stage3_gather_16bit_weights_on_model_save") is False:

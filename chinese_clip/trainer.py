@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -14,7 +15,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from chinese_clip.config import Config, flatten, save_config, to_dict
-from chinese_clip.losses import clip_loss
+from chinese_clip.gradient_cache import gradient_cache_step
+from chinese_clip.losses import ContrastiveObjective
 from chinese_clip.optim import build_optimizer, lr_at, set_lr
 from chinese_clip.runtime import offloads_optimizer
 
@@ -32,12 +34,14 @@ class Trainer:
                  evaluate: Evaluate, run_dir: Path):
         self.cfg, self.accelerator, self.run_dir = cfg, accelerator, run_dir
         self.train_loader, self.evaluate_fn = train_loader, evaluate
-        # InfoNCE has no bias term: a parameter that never gets a gradient must not be trainable.
-        model.logit_bias.requires_grad_(False)
+        self.objective = ContrastiveObjective(cfg.loss)
+        if cfg.loss.name == "clip":
+            # InfoNCE has no bias term: a parameter that never gets a gradient must not be trainable.
+            model.logit_bias.requires_grad_(False)
         optimizer = build_optimizer(model, cfg.optim, cpu_offload=offloads_optimizer(accelerator))
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-        self.global_batch = cfg.data.batch_size * accelerator.num_processes
+        self.global_batch = cfg.data.batch_size * accelerator.num_processes * cfg.train.accum_freq
         self.step = 0
         if accelerator.is_main_process:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -47,21 +51,57 @@ class Trainer:
         accelerator.init_trackers("tensorboard", config=hparams)
 
     # -- one optimizer step -------------------------------------------------------------------
-    def train_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, float | None]:
-        image_features, text_features, logit_scale, _ = self.model(
-            batch["pixel_values"], batch["input_ids"], batch["attention_mask"])  # [b, D], [b, D], [1]
-        # Features may be bf16; the softmax over a global batch is not.
-        loss = clip_loss(image_features.float(), text_features.float(), logit_scale.float(),
-                         local_loss=self.cfg.loss.local_loss)
-        self.accelerator.backward(loss)
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[dict, torch.Tensor, float | None]:
+        """One optimizer step over `train.accum_freq` micro-batches; returns loss parts, logit scale, grad norm."""
+        parts, logit_scale = self.compute_gradients(micro_batches)
+        return parts, logit_scale, self.optimizer_step()
+
+    def compute_gradients(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[dict, torch.Tensor]:
+        """Gradients of the loss over all micro-batches, reduced across ranks once; no optimizer step."""
+        if len(micro_batches) == 1:
+            image_features, text_features, logit_scale, logit_bias = self.encode(micro_batches[0])
+            parts = self.loss(image_features, text_features, logit_scale, logit_bias, micro_batches)
+            self.backward(parts["loss"])
+            return {k: v.detach() for k, v in parts.items()}, logit_scale.detach()
+        step = partial(gradient_cache_step, self.encode, micro_batches,
+                       lambda *features: self.loss(*features, micro_batches), self.backward, self.accelerator.device)
+        if self.deepspeed:
+            # ZeRO-2/3 would reduce-scatter after every backward pass; coalesce_grad_reduction holds
+            # the gradients locally and reduces them once, on exit.
+            with self.model.coalesce_grad_reduction():
+                return step()
+        return step(defer_reduction=lambda: self.accelerator.no_sync(self.model))
+
+    def encode(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        return self.model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])  # [b, D] x2, [1] x2
+
+    def loss(self, image_features, text_features, logit_scale, logit_bias, micro_batches) -> dict[str, torch.Tensor]:
+        ids = {key: torch.cat([batch[key] for batch in micro_batches]) if key in micro_batches[0] else None
+               for key in ("image_id", "caption_id")}
+        # Features may be bf16; the softmax over a global batch is not (at least fp32).
+        image_features, text_features, logit_scale, logit_bias = (
+            x.to(torch.promote_types(x.dtype, torch.float32)) for x in (image_features, text_features, logit_scale,
+                                                                        logit_bias))
+        return self.objective(image_features, text_features, logit_scale, logit_bias,
+                              image_ids=ids["image_id"], caption_ids=ids["caption_id"])
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.deepspeed:
+            self.model.backward(loss)  # the engine applies its loss scale; it steps in optimizer_step
+        else:
+            self.accelerator.backward(loss)
+
+    def optimizer_step(self) -> float | None:
+        """Clip, step, zero; returns the global gradient norm before clipping when one was computed."""
+        if self.deepspeed:  # the engine clips (gradient_clipping), steps and zeroes
+            self.model.step()
+            return self.model.get_global_grad_norm()
         grad_norm = None
-        if self.deepspeed:  # the engine clips (gradient_clipping) and steps inside backward
-            grad_norm = self.model.get_global_grad_norm()
-        elif self.cfg.optim.grad_clip > 0:
+        if self.cfg.optim.grad_clip > 0:
             grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip).item()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach(), logit_scale.detach(), grad_norm
+        return grad_norm
 
     # -- the loop -----------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -78,16 +118,20 @@ class Trainer:
         while self.step < cfg.train.steps:
             lr = lr_at(self.step, cfg.train.steps, cfg.optim)
             set_lr(self.optimizer, lr)
-            batch = {k: v.to(acc.device) for k, v in next(batches).items()}
-            loss, logit_scale, grad_norm = self.train_step(batch)
+            micro_batches = [{k: v.to(acc.device) for k, v in next(batches).items()}
+                             for _ in range(cfg.train.accum_freq)]
+            parts, logit_scale, grad_norm = self.train_step(micro_batches)
             self.step += 1
             since += 1
             bar.update(1)
             if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
-                loss_value = acc.reduce(loss, "mean").item()  # ranks differ under local_loss
+                # Ranks differ under local_loss and SigLIP: their mean is the global-batch loss.
+                losses = {name: acc.reduce(value, "mean").item() for name, value in parts.items()}
+                loss_value = losses.pop("loss")
                 elapsed = time.perf_counter() - tic
                 record = {
                     "train/loss": loss_value,
+                    **{f"train/loss/{name}": value for name, value in losses.items()},
                     "train/lr": lr,
                     "train/logit_scale": logit_scale.item(),
                     "train/samples_per_s": since * self.global_batch / elapsed,

@@ -1,5 +1,6 @@
 """Config loading: every shipped config builds its model; bad input is one clear line."""
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -69,7 +70,17 @@ def test_round_trip_through_yaml(tmp_path):
     cfg = load_config(None, ["optim.lr=3e-4", "model.text.layers=3"])
     save_config(cfg, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == cfg
-    assert load_config(None) == Config()
+    defaults = load_config(None)
+    defaults.model.init_logit_scale = defaults.model.init_logit_bias = None  # resolved from loss.name
+    assert defaults == Config()
+
+
+def test_logit_initialisation_follows_the_loss_unless_set():
+    clip, siglip = load_config(None), load_config(None, ["loss.name=siglip"])
+    assert clip.model.init_logit_scale == pytest.approx(math.log(1 / 0.07))
+    assert (siglip.model.init_logit_scale, siglip.model.init_logit_bias) == (pytest.approx(math.log(10)), -10.0)
+    chosen = load_config(None, ["loss.name=siglip", "model.init_logit_scale=0.0", "model.init_logit_bias=-5"])
+    assert (chosen.model.init_logit_scale, chosen.model.init_logit_bias) == (0.0, -5.0)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -78,7 +89,11 @@ def test_round_trip_through_yaml(tmp_path):
     (["optim.lr=fast"], "optim.lr: expected a number, got 'fast'"),
     (["data.batch_size=1.5"], "data.batch_size: expected an integer, got 1.5"),
     (["data.batch_size=true"], "data.batch_size: expected an integer, got True"),
-    (["loss.name=triplet"], "loss.name: expected one of 'clip', got 'triplet'"),
+    (["train.accum_freq=0"], "train.accum_freq must be at least 1, got 0"),
+    (["loss.chunk_size=0"], "loss.chunk_size must be at least 1, got 0"),
+    (["loss.triplet_alpha=-1"], "loss.triplet_alpha must be >= 0"),
+    (["loss.name=siglip", "loss.local_loss=true"], "loss.local_loss applies to loss.name=clip"),
+    (["loss.name=infonce"], "loss.name: expected one of 'clip', 'siglip', got 'infonce'"),
     (["optim.betas=[0.9]"], "optim.betas: expected a list of 2 values"),
     (["eval.at_end=yes please"], "eval.at_end: expected true or false"),
     (["model=3"], "model: expected a section"),

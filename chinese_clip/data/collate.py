@@ -1,16 +1,29 @@
 """Batching: images to one normalised float tensor, captions through the tokenizer."""
 from __future__ import annotations
 
+import hashlib
+
 import torch
 from torchvision.transforms.v2 import functional as TF
 
 from chinese_clip.tokenizer import ChineseTokenizer
 
 
+def caption_ids(input_ids: torch.Tensor) -> torch.Tensor:
+    """[N, L] token ids -> [N] int64: equal exactly when the model sees the same caption.
+
+    Hashing the tokens rather than the string also catches captions that differ only past the
+    context length, which the model cannot tell apart either.
+    """
+    digests = [hashlib.blake2b(row.numpy().tobytes(), digest_size=8).digest() for row in input_ids]
+    return torch.tensor([int.from_bytes(d, "little", signed=True) for d in digests], dtype=torch.long)
+
+
 class ImageTextCollator:
     """Samples {"image": PIL, "text": str, "label"?: int, "image_id"?: int} -> a model-ready batch.
 
     Normalising the whole uint8 batch at once is cheaper than per image in the workers.
+    "caption_id" and "image_id" let the loss recognise false negatives (see losses.py).
     """
 
     def __init__(self, tokenizer: ChineseTokenizer, mean: tuple[float, ...], std: tuple[float, ...]):
@@ -21,6 +34,7 @@ class ImageTextCollator:
         images = torch.stack([TF.pil_to_tensor(s["image"]) for s in samples])  # [b, 3, H, W] uint8
         pixels = TF.normalize(TF.to_dtype(images, torch.float32, scale=True), self.mean, self.std)
         batch = {"pixel_values": pixels, **self.tokenizer([s["text"] for s in samples])}
+        batch["caption_id"] = caption_ids(batch["input_ids"])
         for key in ("label", "image_id"):
             if key in samples[0]:
                 batch[key] = torch.tensor([s[key] for s in samples])

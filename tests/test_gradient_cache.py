@@ -1,0 +1,137 @@
+"""The gradient cache: k micro-batches give the parameter gradients of one batch of k x b.
+
+In one process directly (float64), and through the Trainer under DDP, DeepSpeed ZeRO-2 and ZeRO-3
+on 2 CPU processes against one process with the whole batch (relative 1e-5).
+"""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from chinese_clip.config import LossConfig
+from chinese_clip.gradient_cache import gradient_cache_step
+from chinese_clip.losses import ContrastiveObjective
+from chinese_clip.model import ChineseCLIP
+from tests.distributed import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+PROBE = str(ROOT / "tests" / "grad_probe.py")
+
+
+def _batch(n, cfg, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    size = cfg.vision.image_size
+    ids = torch.randint(1000, 5000, (n, 12), generator=g)
+    ids[:, 0], ids[:, -1] = 101, 102
+    return {"pixel_values": torch.randn(n, 3, size, size, generator=g, dtype=torch.float64), "input_ids": ids,
+            "attention_mask": torch.ones_like(ids), "image_id": torch.arange(n) % (n - 2)}  # two repeated images
+
+
+def _split(batch, k):
+    return [{key: value.chunk(k)[m] for key, value in batch.items()} for m in range(k)]
+
+
+def _objective(cfg, batches):
+    objective = ContrastiveObjective(cfg)
+    ids = torch.cat([b["image_id"] for b in batches])
+    return lambda image, text, scale, bias: objective(image, text, scale, bias, image_ids=ids)
+
+
+def _encode(model):
+    return lambda b: model(b["pixel_values"], b["input_ids"], b["attention_mask"])
+
+
+def _grads(model):
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def _assert_same_grads(ours, reference, rtol):
+    """Relative error per tensor; a tensor whose true gradient is ~0 (attention key biases: softmax
+    ignores a per-row shift) is measured against 1e-3 of the whole gradient's norm instead."""
+    assert ours.keys() == reference.keys()
+    floor = 1e-3 * torch.cat([g.flatten() for g in reference.values()]).norm()
+    for name in reference:
+        error = (ours[name] - reference[name]).norm() / torch.maximum(reference[name].norm(), floor)
+        assert error < rtol, f"{name}: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("loss", [LossConfig(), LossConfig(name="siglip", triplet_alpha=0.5, chunk_size=3)],
+                         ids=["clip", "siglip+triplet"])
+def test_four_micro_batches_equal_one_batch_of_four_times_the_size(tiny_model_cfg, loss):
+    torch.manual_seed(0)
+    model = ChineseCLIP(tiny_model_cfg).double()
+    batch = _batch(16, tiny_model_cfg)
+    image, text, scale, bias = _encode(model)(batch)
+    _objective(loss, [batch])(image, text, scale, bias)["loss"].backward()
+    reference = _grads(model)
+    micro = _split(batch, 4)
+    parts, _ = gradient_cache_step(_encode(model), micro, _objective(loss, micro), torch.Tensor.backward,
+                                   torch.device("cpu"))
+    _assert_same_grads(_grads(model), reference, rtol=1e-10)
+    assert parts["loss"].requires_grad is False
+
+
+def test_replays_the_random_state_of_each_micro_batch(tiny_model_cfg):
+    """With dropout and FLIP patch dropout on, the re-encoded micro-batches must be the cached ones:
+    the reference encodes the micro-batches one after another with graphs (the same random draws)."""
+    tiny_model_cfg.text.dropout = 0.1
+    tiny_model_cfg.vision.patch_drop_rate = 0.5
+    torch.manual_seed(0)
+    model = ChineseCLIP(tiny_model_cfg).double().train()
+    micro = _split(_batch(16, tiny_model_cfg), 4)
+    loss = _objective(LossConfig(), micro)
+    torch.manual_seed(1)
+    outputs = [_encode(model)(b) for b in micro]
+    loss(torch.cat([o[0] for o in outputs]), torch.cat([o[1] for o in outputs]), *outputs[0][2:])["loss"].backward()
+    reference = _grads(model)
+    torch.manual_seed(1)
+    gradient_cache_step(_encode(model), micro, loss, torch.Tensor.backward, torch.device("cpu"))
+    _assert_same_grads(_grads(model), reference, rtol=1e-10)
+
+
+# -- through the Trainer, 1 and 2 processes ------------------------------------------------------
+LAUNCHERS = {
+    "zero2": ["--config_file", str(ROOT / "ds_configs" / "accelerate" / "cpu_2proc_zero2.yaml")],
+    "zero3": ["--use_deepspeed", "--deepspeed_config_file", str(ROOT / "ds_configs" / "zero3.json")],
+    "ddp": ["--multi_gpu"],
+}
+
+
+def probe(tmp_path, name, accum_freq, micro_batch, overrides, launcher=None):
+    cmd = [sys.executable, PROBE]
+    if launcher is not None:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
+               "--main_process_port", str(free_port()), *LAUNCHERS[launcher], PROBE]
+    out = tmp_path / f"{name}.pt"
+    result = subprocess.run(cmd + [str(out), str(tmp_path / name), str(accum_freq), str(micro_batch), *overrides],
+                            capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return torch.load(out)
+
+
+LOSSES = {"clip": [], "siglip+triplet": ["loss.name=siglip", "loss.triplet_alpha=0.5"]}
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_trainer_one_process(tmp_path, loss):
+    reference = probe(tmp_path, "batch16", 1, 16, LOSSES[loss])["grads"]
+    _assert_same_grads(probe(tmp_path, "accum4", 4, 4, LOSSES[loss])["grads"], reference, rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher, loss", [("zero2", "clip"), ("zero2", "siglip+triplet"), ("zero3", "clip"),
+                                            ("ddp", "clip")])
+def test_trainer_two_processes(tmp_path, launcher, loss):
+    """accum_freq=4, micro-batch 2 on each of 2 ranks = one process with a batch of 16; and the
+    gradients cross the network once per step: no reduction in the first three backward passes."""
+    reference = probe(tmp_path, "batch16", 1, 16, LOSSES[loss])["grads"]
+    ours = probe(tmp_path, "accum4", 4, 2, LOSSES[loss], launcher)
+    _assert_same_grads(ours["grads"], reference, rtol=1e-5)
+    assert ours["backward_passes"] == ["backward 0", "backward 1", "backward 2", "backward 3"]
+    assert ours["reductions"], "no gradient reduction was seen"
+    assert not set(ours["reductions"]) & {"backward 0", "backward 1", "backward 2"}, ours["reductions"]
