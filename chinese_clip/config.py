@@ -167,7 +167,8 @@ LOGIT_INIT = {  # loss name -> (log logit scale, logit bias)
 def _check(cfg: Config) -> Config:
     """Ranges and combinations that the types alone cannot express."""
     positive = {"train.accum_freq": cfg.train.accum_freq, "train.steps": cfg.train.steps,
-                "data.batch_size": cfg.data.batch_size, "loss.chunk_size": 1 if cfg.loss.chunk_size is None else cfg.loss.chunk_size}
+                "data.batch_size": cfg.data.batch_size,
+                "loss.chunk_size": 1 if cfg.loss.chunk_size is None else cfg.loss.chunk_size}
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}")

@@ -64,7 +64,8 @@ def gradient_cache_step(
     sizes = [len(image) for image in images]
     last = len(micro_batches) - 1
     after_caching = _rng_state(device)
-    for index, (batch, image_g, text_g) in enumerate(zip(micro_batches, image_grad.split(sizes), text_grad.split(sizes))):
+    micro_grads = zip(image_grad.split(sizes), text_grad.split(sizes))
+    for index, (batch, (image_g, text_g)) in enumerate(zip(micro_batches, micro_grads)):
         _set_rng_state(states[index], device)
         with contextlib.nullcontext() if index == last else defer_reduction():
             image, text, scale, bias = encode(batch)

@@ -59,6 +59,7 @@ def clip_loss(
     b = image_features.shape[0]
     all_images = gather_with_grad(image_features)  # [B, D]
     all_texts = gather_with_grad(text_features)  # [B, D]
+    all_keys = None if keys is None else gather_without_grad(keys)  # [B, K]
     if local_loss:
         targets = torch.arange(b, device=image_features.device) + rank() * b  # [b]
         logits_per_image = logit_scale * image_features @ all_texts.T  # [b, B]
@@ -68,10 +69,10 @@ def clip_loss(
         targets = torch.arange(all_images.shape[0], device=image_features.device)  # [B]
         logits_per_image = logit_scale * all_images @ all_texts.T  # [B, B]
         logits_per_text = logits_per_image.T
-        row_keys = None if keys is None else gather_without_grad(keys)
+        row_keys = all_keys
     if keys is not None:
         # The relation is symmetric, so one mask serves both directions.
-        false_negatives = same_pair(row_keys, gather_without_grad(keys))  # [rows, B]
+        false_negatives = same_pair(row_keys, all_keys)  # [rows, B]
         false_negatives[torch.arange(len(targets)), targets] = False
         logits_per_image = logits_per_image.masked_fill(false_negatives, float("-inf"))
         logits_per_text = logits_per_text.masked_fill(false_negatives, float("-inf"))

@@ -78,12 +78,10 @@ class Trainer:
     def loss(self, image_features, text_features, logit_scale, logit_bias, micro_batches) -> dict[str, torch.Tensor]:
         ids = {key: torch.cat([batch[key] for batch in micro_batches]) if key in micro_batches[0] else None
                for key in ("image_id", "caption_id")}
-        # Features may be bf16; the softmax over a global batch is not (at least fp32).
-        image_features, text_features, logit_scale, logit_bias = (
-            x.to(torch.promote_types(x.dtype, torch.float32)) for x in (image_features, text_features, logit_scale,
-                                                                        logit_bias))
-        return self.objective(image_features, text_features, logit_scale, logit_bias,
-                              image_ids=ids["image_id"], caption_ids=ids["caption_id"])
+        # Features may be bf16; the softmax over a global batch is not.
+        at_least_fp32 = (x.to(torch.promote_types(x.dtype, torch.float32))
+                         for x in (image_features, text_features, logit_scale, logit_bias))
+        return self.objective(*at_least_fp32, image_ids=ids["image_id"], caption_ids=ids["caption_id"])
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.deepspeed:

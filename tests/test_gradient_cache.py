@@ -15,7 +15,7 @@ from chinese_clip.config import LossConfig
 from chinese_clip.gradient_cache import gradient_cache_step
 from chinese_clip.losses import ContrastiveObjective
 from chinese_clip.model import ChineseCLIP
-from tests.distributed import free_port
+from chinese_clip.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = str(ROOT / "tests" / "grad_probe.py")

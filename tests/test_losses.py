@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss, SigLipLoss
 
 from chinese_clip.config import LossConfig
+from chinese_clip.distributed import run_on_cpu_ranks
 from chinese_clip.losses import ContrastiveObjective, clip_loss, siglip_loss, triplet_loss
-from tests.distributed import run_on_ranks
 
 # Samples 0 and 3 show the same image, samples 1 and 6 too; samples 2 and 5 have the same caption.
 IMAGE_IDS = torch.tensor([10, 11, 12, 10, 14, 15, 11, 17])
@@ -212,7 +212,7 @@ def _check_contract(world_size):
     image, text, scale, bias = _features(n=4 * world_size)
     # Duplicates within and across ranks: the last 3 image ids repeat the first 3; captions repeat every 5.
     all_keys = torch.stack([torch.arange(len(image)) % (len(image) - 3), 100 + torch.arange(len(image)) % 5], dim=1)
-    ranks = run_on_ranks(_every_variant_on_this_rank, image, text, scale, bias, all_keys, world_size=world_size)
+    ranks = run_on_cpu_ranks(_every_variant_on_this_rank, image, text, scale, bias, all_keys, world_size=world_size)
     for (name, masked), _ in ranks[0].items():
         keys = all_keys if masked == "masked" else None
         single = _loss_and_grads(VARIANTS[name], image, text, scale, bias, keys)
