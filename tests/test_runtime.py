@@ -49,6 +49,12 @@ def test_offload_without_a_gpu_is_refused():
         configure_deepspeed(_accelerator(ds), load_config(None))
 
 
+def test_the_gradient_cache_needs_a_zero_stage_that_can_hold_gradients():
+    with pytest.raises(ConfigError, match="train.accum_freq > 1 under DeepSpeed needs ZeRO stage 1, 2 or 3"):
+        configure_deepspeed(_accelerator({"zero_optimization": {"stage": 0}}), load_config(None, ["train.accum_freq=2"]))
+    configure_deepspeed(_accelerator({"zero_optimization": {"stage": 2}}), load_config(None, ["train.accum_freq=2"]))
+
+
 def test_no_deepspeed_is_left_alone():
     configure_deepspeed(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None)), load_config(None))
 
