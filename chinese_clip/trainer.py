@@ -26,6 +26,8 @@ Evaluate = Callable[[nn.Module], dict[str, dict]]
 class Trainer:
     """Owns the prepared model and optimizer, the step loop, logging and the final checkpoint.
 
+    One step is `train.accum_freq` micro-batches: one plain forward/backward, or the gradient
+    cache (gradient_cache.py) over several, with gradients reduced across ranks once.
     `evaluate(model)` returns {set name: {metric: value}}; it is called on every rank together
     (under ZeRO-3 a forward pass is collective) with the unwrapped model.
     """
