@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -98,13 +99,38 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.98)  # CLIP's; the SigLIP paper lowers beta2 to 0.95 at large batch
     eps: float = 1e-6
     warmup_steps: int = 500
-    min_lr_ratio: float = 0.0  # cosine decays to lr x this
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # after the warmup
+    min_lr_ratio: float = 0.0  # cosine and linear decay to lr x this
     grad_clip: float = 1.0  # max global grad norm; 0 disables
 
 
 @dataclass
+class ParamRule:
+    """Parameters whose full name matches `pattern` (re.fullmatch) train at lr x `lr_scale`."""
+    pattern: str = ""  # e.g. visual\..* is the whole vision tower; visual\.blocks\.([0-9]|10)\..* its first 11 blocks
+    lr_scale: float = 0.0  # 0 freezes them: no gradient, no optimizer state
+
+
+@dataclass
+class StageConfig:
+    """One stage of a staged schedule. Unset (None) values come from optim.*, data.batch_size and
+    model.vision.patch_drop_rate when the config is loaded, so the saved config shows what ran."""
+    name: str = "train"
+    steps: Optional[int] = None  # length in optimizer steps, or ...
+    samples: Optional[int] = None  # ... in samples seen, rounded up to whole global batches
+    params: list[ParamRule] = field(default_factory=list)  # first match wins; unmatched parameters train at lr x 1
+    mask_ratio: Optional[float] = None  # FLIP: share of patches dropped in training; 0 is an unmasked stage
+    batch_size: Optional[int] = None  # per device; a masked stage affords a larger one (FLIP's point)
+    lr: Optional[float] = None
+    warmup_steps: Optional[int] = None  # counted from the stage's first step
+    schedule: Optional[Literal["cosine", "linear", "constant"]] = None
+    min_lr_ratio: Optional[float] = None
+    weight_decay: Optional[float] = None
+
+
+@dataclass
 class TrainConfig:
-    steps: int = 1000
+    steps: Optional[int] = None  # a run without `stages` is one stage of this many steps (default 1000)
     seed: int = 0
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on GPUs that have it
     log_every: int = 10
@@ -121,6 +147,13 @@ class EvalConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every_steps: int = 1000  # besides these, a checkpoint at every stage end and at the end; 0: only those
+    keep_last: int = 2  # complete checkpoints kept; older ones are deleted once a newer one is complete
+    resume: str = "auto"  # auto: the newest complete checkpoint of this run, if any; never; or a checkpoint path
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     output_dir: Optional[str] = None  # None: runs/<name>
@@ -133,7 +166,9 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    stages: list[StageConfig] = field(default_factory=list)  # empty: one stage of train.steps
     eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -158,6 +193,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return _resolve(_check(_build(Config, raw, prefix="")))
 
 
+DEFAULT_STEPS = 1000
 LOGIT_INIT = {  # loss name -> (log logit scale, logit bias)
     "clip": (math.log(1 / 0.07), -10.0),
     "siglip": (math.log(10), -10.0),
@@ -166,9 +202,10 @@ LOGIT_INIT = {  # loss name -> (log logit scale, logit bias)
 
 def _check(cfg: Config) -> Config:
     """Ranges and combinations that the types alone cannot express."""
-    positive = {"train.accum_freq": cfg.train.accum_freq, "train.steps": cfg.train.steps,
-                "data.batch_size": cfg.data.batch_size,
+    positive = {"train.accum_freq": cfg.train.accum_freq, "data.batch_size": cfg.data.batch_size,
                 "loss.chunk_size": 1 if cfg.loss.chunk_size is None else cfg.loss.chunk_size}
+    if cfg.train.steps is not None:
+        positive["train.steps"] = cfg.train.steps
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}")
@@ -176,7 +213,36 @@ def _check(cfg: Config) -> Config:
         raise ConfigError(f"loss.triplet_alpha must be >= 0, got {cfg.loss.triplet_alpha}")
     if cfg.loss.local_loss and cfg.loss.name != "clip":
         raise ConfigError("loss.local_loss applies to loss.name=clip; siglip always computes this rank's rows only")
+    if not 0 <= cfg.model.vision.patch_drop_rate < 1:
+        raise ConfigError(f"model.vision.patch_drop_rate must be in [0, 1), got {cfg.model.vision.patch_drop_rate}")
+    if cfg.checkpoint.every_steps < 0 or cfg.checkpoint.keep_last < 1:
+        raise ConfigError("checkpoint.every_steps must be >= 0 and checkpoint.keep_last >= 1")
+    if cfg.stages and cfg.train.steps is not None:
+        raise ConfigError("train.steps and stages both set the run's length; give each stage its steps or samples")
+    names = [stage.name for stage in cfg.stages]
+    for i, stage in enumerate(cfg.stages):
+        _check_stage(stage, f"stages[{i}] ({stage.name})")
+        if names.count(stage.name) > 1:
+            raise ConfigError(f"stage name {stage.name!r} is used twice; names identify stages in logs and checkpoints")
     return cfg
+
+
+def _check_stage(stage: StageConfig, where: str) -> None:
+    if (stage.steps is None) == (stage.samples is None):
+        raise ConfigError(f"{where}: give exactly one of steps and samples")
+    if (stage.steps or stage.samples) < 1:
+        raise ConfigError(f"{where}: its length must be at least 1")
+    if stage.mask_ratio is not None and not 0 <= stage.mask_ratio < 1:
+        raise ConfigError(f"{where}: mask_ratio must be in [0, 1), got {stage.mask_ratio}")
+    if stage.batch_size is not None and stage.batch_size < 1:
+        raise ConfigError(f"{where}: batch_size must be at least 1, got {stage.batch_size}")
+    for rule in stage.params:
+        try:
+            re.compile(rule.pattern)
+        except re.error as e:
+            raise ConfigError(f"{where}: pattern \"{rule.pattern}\" is not a valid regular expression: {e}") from None
+        if rule.lr_scale < 0:
+            raise ConfigError(f"{where}: lr_scale of \"{rule.pattern}\" must be >= 0, got {rule.lr_scale}")
 
 
 def _resolve(cfg: Config) -> Config:
@@ -186,6 +252,16 @@ def _resolve(cfg: Config) -> Config:
         cfg.model.init_logit_scale = scale
     if cfg.model.init_logit_bias is None:
         cfg.model.init_logit_bias = bias
+    if not cfg.stages:
+        cfg.stages = [StageConfig(name="train", steps=cfg.train.steps or DEFAULT_STEPS)]
+        cfg.train.steps = None
+    inherited = {"mask_ratio": cfg.model.vision.patch_drop_rate, "batch_size": cfg.data.batch_size,
+                 "lr": cfg.optim.lr, "warmup_steps": cfg.optim.warmup_steps, "schedule": cfg.optim.schedule,
+                 "min_lr_ratio": cfg.optim.min_lr_ratio, "weight_decay": cfg.optim.weight_decay}
+    for stage in cfg.stages:
+        for key, value in inherited.items():
+            if getattr(stage, key) is None:
+                setattr(stage, key, value)
     return cfg
 
 
@@ -218,14 +294,27 @@ def _plain(x):
 
 
 def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    """`a.b.c=v`; a number indexes a list that the YAML already has (`stages.1.lr=1e-4`)."""
     node = raw
     parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {key}: {part} is a value, not a section")
-        node = child
-    node[parts[-1]] = value
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"override {key}: {'.'.join(parts[:depth]) or 'config'} has {len(node)} entries; "
+                                  f"{part!r} is not one of their indices")
+            part = int(part)
+            if last:
+                node[part] = value
+            else:
+                node = node[part]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"override {key}: {'.'.join(parts[:depth])} is a value, not a section")
 
 
 def _build(cls: type, raw: Any, prefix: str):

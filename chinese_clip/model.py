@@ -6,6 +6,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from timm.layers import PatchDropout
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from transformers import BertConfig, BertModel
@@ -18,7 +19,7 @@ MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the temperature so logits stay be
 def build_vision_tower(cfg: VisionConfig) -> VisionTransformer:
     """An OpenAI-CLIP-layout ViT (pre-norm, no patch bias, LayerNorm eps 1e-5) so released
     OpenAI / Chinese-CLIP vision weights map onto it one to one."""
-    return VisionTransformer(
+    vit = VisionTransformer(
         img_size=cfg.image_size,
         patch_size=cfg.patch_size,
         embed_dim=cfg.width,
@@ -30,9 +31,12 @@ def build_vision_tower(cfg: VisionConfig) -> VisionTransformer:
         pre_norm=True,
         act_layer=cfg.act,
         norm_layer=partial(nn.LayerNorm, eps=1e-5),
-        patch_drop_rate=cfg.patch_drop_rate,  # timm's PatchDropout: identity in eval mode
         drop_path_rate=cfg.drop_path_rate,
     )
+    # Always a PatchDropout (timm builds an Identity for rate 0) so that a stage can change the ratio.
+    # It is the identity in eval mode: evaluation never masks.
+    vit.patch_drop = PatchDropout(cfg.patch_drop_rate, num_prefix_tokens=vit.num_prefix_tokens)
+    return vit
 
 
 def build_text_tower(cfg: TextConfig) -> BertModel:
@@ -78,6 +82,10 @@ class ChineseCLIP(nn.Module):
             self.text.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             self.text.activation_checkpointing_disable()
+
+    def set_mask_ratio(self, ratio: float) -> None:
+        """FLIP: the share of image patches dropped in training from now on."""
+        self.visual.patch_drop.prob = ratio
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # DeepSpeed bf16 casts the weights themselves (no autocast): the input must follow them.

@@ -1,12 +1,16 @@
-"""Parameter groups, AdamW and the learning-rate schedule (linear warmup, cosine decay)."""
+"""Parameter groups, AdamW and the learning-rate schedule (linear warmup, then cosine, linear or constant)."""
 from __future__ import annotations
 
 import math
+from collections import defaultdict
+from typing import Union
 
 import torch
 from torch import nn
 
-from chinese_clip.config import OptimConfig
+from chinese_clip.config import OptimConfig, StageConfig
+
+Schedule = Union[OptimConfig, StageConfig]  # anything with lr, warmup_steps, schedule, min_lr_ratio
 
 
 def no_decay_names(model: nn.Module) -> set[str]:
@@ -19,25 +23,27 @@ def no_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
-def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
-    """Trainable parameters split into decay / no-decay groups. Each group carries `lr_scale`,
-    the multiplier `set_lr` applies to the scheduled lr."""
+def param_groups(model: nn.Module, weight_decay: float, lr_scales: dict[str, float] | None = None) -> list[dict]:
+    """Trainable parameters grouped by (decayed or not, lr multiplier). Each group carries `lr_scale`,
+    which `set_lr` applies to the scheduled lr, and `decays`, which `set_weight_decay` reads.
+    `lr_scales` (name -> multiplier) defaults to 1 for every trainable parameter."""
     skip = no_decay_names(model)
-    decay, no_decay = [], []
+    grouped = defaultdict(list)
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if name in skip else decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
-        {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
-    ]
-    return [g for g in groups if g["params"]]
+            scale = 1.0 if lr_scales is None else lr_scales[name]
+            grouped[(name not in skip, scale)].append(p)
+    return [{"params": params, "weight_decay": weight_decay if decays else 0.0, "lr_scale": scale, "decays": decays}
+            for (decays, scale), params in sorted(grouped.items(), key=lambda kv: (not kv[0][0], -kv[0][1]))]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, *, cpu_offload: bool = False) -> torch.optim.Optimizer:
-    """AdamW; with ZeRO-Offload, DeepSpeed's CPU AdamW (the same update, vectorised on the host),
-    since DeepSpeed refuses to step a plain torch optimizer on offloaded states."""
-    groups = param_groups(model, cfg)
+def build_optimizer(model: nn.Module, cfg: OptimConfig, lr_scales: dict[str, float] | None = None, *,
+                    weight_decay: float | None = None, cpu_offload: bool = False) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; with ZeRO-Offload, DeepSpeed's CPU AdamW (the same update,
+    vectorised on the host), since DeepSpeed refuses to step a plain torch optimizer on offloaded states."""
+    groups = param_groups(model, cfg.weight_decay if weight_decay is None else weight_decay, lr_scales)
+    if not groups:
+        raise ValueError("no parameter is trainable")
     if cpu_offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -45,15 +51,23 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, *, cpu_offload: bool = F
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
-def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
-    """lr for 0-based `step`: linear warmup to cfg.lr, then cosine down to cfg.lr x min_lr_ratio."""
+def lr_at(step: int, total_steps: int, cfg: Schedule) -> float:
+    """lr for 0-based `step` of `total_steps`: linear warmup to cfg.lr, then down to cfg.lr x min_lr_ratio."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def set_weight_decay(optimizer: torch.optim.Optimizer, weight_decay: float) -> None:
+    for group in optimizer.param_groups:
+        if group.get("decays", False):
+            group["weight_decay"] = weight_decay

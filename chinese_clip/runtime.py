@@ -66,19 +66,24 @@ def configure_deepspeed(accelerator: Accelerator, cfg: Config) -> None:
         return
     ds = plugin.deepspeed_config
     source = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "the DeepSpeed config")
-    micro = cfg.data.batch_size
+    micro_batches = sorted({stage.batch_size for stage in cfg.stages})
+    micro = micro_batches[0]
+    origin = "data.batch_size" if micro_batches == [cfg.data.batch_size] else f"the stages' batch sizes {micro_batches}"
     owned = {
-        "train_micro_batch_size_per_gpu": (micro, "data.batch_size"),
+        # Every engine is built for its stage's batch (set_deepspeed_batch); one fixed value cannot serve them all.
+        "train_micro_batch_size_per_gpu": (micro, origin),
         # One engine step per optimizer step: train.accum_freq micro-batches go through the gradient
         # cache, which backpropagates each micro-batch itself and steps the engine once.
         "gradient_accumulation_steps": (1, "the gradient cache (train.accum_freq is not DeepSpeed accumulation)"),
-        "train_batch_size": (micro * accelerator.num_processes, f"data.batch_size x {accelerator.num_processes} processes"),
+        "train_batch_size": (micro * accelerator.num_processes, f"{origin} x {accelerator.num_processes} processes"),
         "gradient_clipping": (cfg.optim.grad_clip, "optim.grad_clip"),
     }
-    for key, (value, origin) in owned.items():
+    for key, (value, why) in owned.items():
         current = ds.get(key, "auto")
+        if current != "auto" and key.startswith("train_") and len(micro_batches) > 1:
+            raise ConfigError(f"{source}: {key} is {current} but {why} need one value per stage; set it to \"auto\"")
         if current != "auto" and current != value:
-            raise ConfigError(f"{source}: {key} is {current} but {origin} gives {value}; set it to \"auto\"")
+            raise ConfigError(f"{source}: {key} is {current} but {why} gives {value}; set it to \"auto\"")
         ds[key] = value
     zero = ds.get("zero_optimization", {})
     if cfg.train.accum_freq > 1 and zero.get("stage", 0) not in (1, 2, 3):
@@ -97,6 +102,14 @@ def configure_deepspeed(accelerator: Accelerator, cfg: Config) -> None:
     for section in ("optimizer", "scheduler"):
         if section in ds:
             raise ConfigError(f"{source}: remove the \"{section}\" section; the optimizer and lr schedule are set by optim.*")
+
+
+def set_deepspeed_batch(accelerator: Accelerator, micro_batch: int) -> None:
+    """The batch the next DeepSpeed engine is built for (a stage's per-process batch)."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro_batch
+        plugin.deepspeed_config["train_batch_size"] = micro_batch * accelerator.num_processes
 
 
 def offload_device(ds_config: dict) -> str:

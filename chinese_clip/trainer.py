@@ -1,12 +1,13 @@
-"""The training loop over an Accelerator (plain, DDP or DeepSpeed ZeRO, the same code)."""
+"""The training loop over an Accelerator (plain, DDP or DeepSpeed ZeRO, the same code), stage by stage."""
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import time
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from accelerate import Accelerator
@@ -14,43 +15,60 @@ from accelerate.utils import DistributedType
 from torch import nn
 from tqdm.auto import tqdm
 
-from chinese_clip.config import Config, flatten, save_config, to_dict
+from chinese_clip.checkpoints import save_pretrained
+from chinese_clip.config import Config, ConfigError, flatten, save_config, to_dict
+from chinese_clip.distributed import sum_across_ranks
 from chinese_clip.gradient_cache import gradient_cache_step
 from chinese_clip.losses import ContrastiveObjective
-from chinese_clip.optim import build_optimizer, lr_at, set_lr
-from chinese_clip.runtime import offloads_optimizer
+from chinese_clip.model import ChineseCLIP
+from chinese_clip.optim import build_optimizer, lr_at, set_lr, set_weight_decay
+from chinese_clip.resume import (find_resume_checkpoint, read_trainer_state, read_weights, remove_partial_checkpoints,
+                                 save_checkpoint, stage_weights_path, write_weights)
+from chinese_clip.runtime import offloads_optimizer, set_deepspeed_batch
+from chinese_clip.stages import Stage, freeze, plan_stages, resolve_lr_scales, stage_rules, summary
 
 Evaluate = Callable[[nn.Module], dict[str, dict]]
+MakeLoader = Callable[[int, int], Iterable]  # (per-process batch size, first sample) -> batches
 
 
 class Trainer:
-    """Owns the prepared model and optimizer, the step loop, logging and the final checkpoint.
+    """Owns the stage plan, the prepared model and optimizer, the step loop, logging and checkpoints.
 
     One step is `train.accum_freq` micro-batches: one plain forward/backward, or the gradient
     cache (gradient_cache.py) over several, with gradients reduced across ranks once.
-    `evaluate(model)` returns {set name: {metric: value}}; it is called on every rank together
+    At a stage boundary that changes what trains, the DeepSpeed engine (or DDP wrapper) and the
+    optimizer are built anew from the full fp32 weights: ZeRO fixes the trainable set when the
+    engine is created. `build_model()` returns a fresh model; `make_loader(batch, start)` an endless
+    loader; `evaluate(model)` returns {set name: {metric: value}}. It runs on every rank together
     (under ZeRO-3 a forward pass is collective) with the unwrapped model.
     """
 
-    def __init__(self, cfg: Config, accelerator: Accelerator, model: nn.Module, train_loader,
-                 evaluate: Evaluate, run_dir: Path):
+    def __init__(self, cfg: Config, accelerator: Accelerator, build_model: Callable[[], ChineseCLIP],
+                 make_loader: MakeLoader, evaluate: Evaluate, run_dir: Path):
         self.cfg, self.accelerator, self.run_dir = cfg, accelerator, run_dir
-        self.train_loader, self.evaluate_fn = train_loader, evaluate
+        self.build_model, self.make_loader, self.evaluate_fn = build_model, make_loader, evaluate
         self.objective = ContrastiveObjective(cfg.loss)
-        if cfg.loss.name == "clip":
-            # InfoNCE has no bias term: a parameter that never gets a gradient must not be trainable.
-            model.logit_bias.requires_grad_(False)
-        optimizer = build_optimizer(model, cfg.optim, cpu_offload=offloads_optimizer(accelerator))
-        self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-        self.global_batch = cfg.data.batch_size * accelerator.num_processes * cfg.train.accum_freq
+        self.plan = plan_stages(cfg.stages, accelerator.num_processes, cfg.train.accum_freq)
+        self.total_steps = self.plan[-1].end_step
+        self.model = self.optimizer = self.stage = self.batches = None
+        self.lr_scales: dict[str, float] = {}  # what the current engine trains, name -> lr multiplier
         self.step = 0
+        self.resume_from = find_resume_checkpoint(run_dir, cfg.checkpoint.resume)
+        if self.resume_from is not None:
+            self.check_resumable(read_trainer_state(self.resume_from))
         if accelerator.is_main_process:
             run_dir.mkdir(parents=True, exist_ok=True)
+            remove_partial_checkpoints(run_dir)
             save_config(cfg, run_dir / "config.yaml")
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh record
+            self.keep_metrics(read_trainer_state(self.resume_from)["step"] if self.resume_from else None)
+        accelerator.wait_for_everyone()
         hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(to_dict(cfg)).items()}
         accelerator.init_trackers("tensorboard", config=hparams)
+
+    @property
+    def unwrapped(self) -> ChineseCLIP:
+        return self.accelerator.unwrap_model(self.model)
 
     # -- one optimizer step -------------------------------------------------------------------
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[dict, torch.Tensor, float | None]:
@@ -107,24 +125,42 @@ class Trainer:
     def fit(self) -> dict:
         cfg, acc = self.cfg, self.accelerator
         results = {}
-        if cfg.eval.at_start:
-            results["before"] = self.evaluate("before")
-        batches = iter(self.train_loader)
+        if self.resume_from is not None:
+            state = read_trainer_state(self.resume_from)
+            self.step = state["step"]
+            stage = self.plan[state["stage"]]
+            self.enter_stage(stage, read_weights(self.run_dir / state["stage_weights"]))
+            acc.load_state(str(self.resume_from))  # weights, optimizer, every rank's RNG
+            acc.print(f"resumed from {self.resume_from} at step {self.step} (stage {stage.name!r})")
+            results = self.earlier_evaluations()
+        else:
+            initial = self.new_model().state_dict()
+            self.write_stage_weights(self.plan[0], initial)
+            self.enter_stage(self.plan[0], initial)
+            if cfg.eval.at_start:
+                results["before"] = self.evaluate("before")
         # In a log file (not a terminal) a redraw is a new line: redraw rarely there.
-        bar = tqdm(total=cfg.train.steps, desc="pretrain", disable=not acc.is_main_process, dynamic_ncols=True,
-                   mininterval=0.1 if sys.stderr.isatty() else 30)
-        self.model.train()
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=self.stage.name, disable=not acc.is_main_process,
+                   dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30)
         since, tic = 0, time.perf_counter()
-        while self.step < cfg.train.steps:
-            lr = lr_at(self.step, cfg.train.steps, cfg.optim)
+        while self.step < self.total_steps:
+            if self.step == self.stage.end_step:
+                self.next_stage()
+                bar.set_description(self.stage.name)
+                since, tic = 0, time.perf_counter()  # throughput without the engine rebuild
+            stage = self.stage
+            lr = lr_at(self.step - stage.start_step, stage.steps, stage.cfg)
             set_lr(self.optimizer, lr)
-            micro_batches = [{k: v.to(acc.device) for k, v in next(batches).items()}
+            micro_batches = [{k: v.to(acc.device) for k, v in next(self.batches).items()}
                              for _ in range(cfg.train.accum_freq)]
             parts, logit_scale, grad_norm = self.train_step(micro_batches)
             self.step += 1
             since += 1
             bar.update(1)
-            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
+            if self.step == stage.start_step + 1:
+                # Adam's moments of what trains, summed over ranks: frozen parameters must hold none.
+                self.log({"stage/optimizer_state_values": self.optimizer_state_values()})
+            if self.step % cfg.train.log_every == 0 or self.step == stage.end_step:
                 # Ranks differ under local_loss and SigLIP: their mean is the global-batch loss.
                 losses = {name: acc.reduce(value, "mean").item() for name, value in parts.items()}
                 loss_value = losses.pop("loss")
@@ -134,7 +170,7 @@ class Trainer:
                     **{f"train/loss/{name}": value for name, value in losses.items()},
                     "train/lr": lr,
                     "train/logit_scale": logit_scale.item(),
-                    "train/samples_per_s": since * self.global_batch / elapsed,
+                    "train/samples_per_s": since * stage.global_batch / elapsed,
                     "train/step_time_s": elapsed / since,
                 }
                 if grad_norm is not None:
@@ -143,19 +179,160 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", scale=f"{logit_scale.item():.1f}",
                                 sps=f"{record['train/samples_per_s']:.0f}")
                 since, tic = 0, time.perf_counter()
+            every = cfg.checkpoint.every_steps
+            if self.step == stage.end_step or (every and self.step % every == 0):
+                self.save_checkpoint()
         bar.close()
+        weights = self.full_weights()
+        if acc.is_main_process:
+            save_pretrained(weights, cfg, self.run_dir / "model")
         if cfg.eval.at_end:
             results["after"] = self.evaluate("after")
-        self.save()
         if acc.is_main_process:
             (self.run_dir / "eval.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
             print(format_results(results))
+        acc.wait_for_everyone()
         acc.end_training()
         return results
 
-    # -- evaluation, logging, checkpoints -----------------------------------------------------
+    # -- stages ---------------------------------------------------------------------------------
+    def enter_stage(self, stage: Stage, weights: dict[str, torch.Tensor]) -> None:
+        """Make `stage` current: a new engine when what trains changes, then its mask ratio, weight
+        decay and data. `weights` (full, fp32) are loaded only into a new engine."""
+        cfg, acc = self.cfg, self.accelerator
+        scales = resolve_lr_scales(list(weights), stage_rules(stage.cfg, cfg.loss.name), stage.name)
+        if {name: scale for name, scale in scales.items() if scale > 0} != self.lr_scales:
+            self.build_engine(stage, weights, scales)
+        self.unwrapped.set_mask_ratio(stage.cfg.mask_ratio)
+        set_weight_decay(self.optimizer, stage.cfg.weight_decay)
+        self.stage = stage
+        self.batches = iter(self.make_loader(stage.batch_size, stage.sample_at(self.step)))
+        sizes = {name: p.ds_numel if hasattr(p, "ds_numel") else p.numel() for name, p in self.unwrapped.named_parameters()}
+        acc.print(summary(stage, len(self.plan), sizes, scales, acc.num_processes, cfg.train.accum_freq))
+        self.log({"stage/index": stage.index, "stage/name": stage.name, "stage/mask_ratio": stage.cfg.mask_ratio,
+                  "stage/global_batch": stage.global_batch,
+                  "stage/trainable_params": sum(sizes[n] for n in self.lr_scales),
+                  "stage/frozen_params": sum(sizes[n] for n in sizes if n not in self.lr_scales)})
+
+    def build_engine(self, stage: Stage, weights: dict[str, torch.Tensor], scales: dict[str, float]) -> None:
+        """A fresh model holding `weights`, frozen by `scales`, prepared with a new optimizer. The old
+        engine goes first: ZeRO fixes the trainable set at initialisation."""
+        acc = self.accelerator
+        if self.model is not None:
+            self.model = self.optimizer = None
+            acc.free_memory()
+            gc.collect()
+        model = self.new_model()
+        model.load_state_dict(weights)
+        trainable = freeze(model, scales)
+        optimizer = build_optimizer(model, self.cfg.optim, trainable, weight_decay=stage.cfg.weight_decay,
+                                    cpu_offload=offloads_optimizer(acc))
+        set_deepspeed_batch(acc, stage.batch_size)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.model.train()
+        self.lr_scales = trainable
+
+    def new_model(self) -> ChineseCLIP:
+        """A fresh model initialised from train.seed, the same on every rank, leaving the global RNG
+        (dropout, FLIP masks) alone: a boundary or a resume builds one, and the RNG must continue
+        exactly as in a run that did neither."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.train.seed)
+            return self.build_model()
+
+    def next_stage(self) -> None:
+        """The boundary: the full fp32 weights leave the finished stage's engine and seed the next."""
+        weights = self.full_weights()
+        stage = self.plan[self.stage.index + 1]
+        self.write_stage_weights(stage, weights)
+        self.enter_stage(stage, weights)
+
+    def write_stage_weights(self, stage: Stage, weights: dict[str, torch.Tensor]) -> None:
+        """The stage's starting weights: where its frozen parameters are read back from."""
+        if self.accelerator.is_main_process:
+            write_weights(weights, stage_weights_path(self.run_dir, stage.index, stage.name))
+        self.accelerator.wait_for_everyone()
+
+    def full_weights(self) -> dict[str, torch.Tensor]:
+        """Every parameter in fp32 on the CPU, the same on every rank. Trained ones come from the
+        optimizer's fp32 copy (gathered from the ZeRO shards: collective, in the same order on every
+        rank); frozen ones from the stage's starting weights, since the engine may only hold bf16."""
+        frozen = [name for name, _ in self.unwrapped.named_parameters() if name not in self.lr_scales]
+        weights = read_weights(stage_weights_path(self.run_dir, self.stage.index, self.stage.name), frozen)
+        for name, p in self.unwrapped.named_parameters():
+            if name in self.lr_scales:
+                weights[name] = self.fp32_value(p).detach().float().cpu().clone()
+        return weights
+
+    def fp32_value(self, p: nn.Parameter) -> torch.Tensor:
+        if self.deepspeed:
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            full = safe_get_full_fp32_param(p)
+            if full is not None:
+                return full.view(p.ds_shape) if hasattr(p, "ds_shape") else full
+            if hasattr(p, "ds_id"):
+                raise RuntimeError("a ZeRO-3 parameter that trains has no fp32 copy in the optimizer")
+        return p
+
+    def optimizer_state_values(self) -> int:
+        """Elements of the optimizer's per-parameter state (Adam's two moments), summed over ranks."""
+        local = sum(t.numel() for state in self.optimizer.state.values() for t in state.values()
+                    if torch.is_tensor(t) and t.dim() > 0)
+        return int(sum_across_ranks(torch.tensor([local], dtype=torch.float64, device=self.accelerator.device)).item())
+
+    # -- checkpoints and resuming ----------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        stage = self.stage
+        save_checkpoint(self.accelerator, self.run_dir, {
+            "step": self.step,
+            "stage": stage.index,
+            "stage_name": stage.name,
+            "samples_seen": stage.sample_at(self.step),
+            "stage_weights": str(stage_weights_path(self.run_dir, stage.index, stage.name).relative_to(self.run_dir)),
+            "frozen": sorted(name for name, _ in self.unwrapped.named_parameters() if name not in self.lr_scales),
+            "plan": [s.describe() for s in self.plan[:stage.index + 1]],
+            "model": to_dict(self.cfg.model),
+        }, self.cfg.checkpoint.keep_last)
+
+    def check_resumable(self, state: dict) -> None:
+        """The checkpoint must come from this model and, up to its stage, this schedule."""
+        where = self.resume_from
+        if state["model"] != to_dict(self.cfg.model):
+            changed = sorted(k for k, v in flatten(to_dict(self.cfg.model)).items() if flatten(state["model"]).get(k) != v)
+            raise ConfigError(f"{where} was written for a different model (model.{', model.'.join(changed)}); "
+                              "resume with the run's config or set checkpoint.resume=never")
+        ours = [s.describe() for s in self.plan[:state["stage"] + 1]]
+        if ours != state["plan"]:
+            raise ConfigError(f"{where} was written by a schedule whose stages up to {state['stage_name']!r} differ "
+                              f"from this config's ({state['plan']} vs {ours}); later stages may change, earlier "
+                              "ones may not. Resume with the run's config or set checkpoint.resume=never")
+
+    def keep_metrics(self, resumed_step: int | None) -> None:
+        """A fresh run starts a fresh record; a resumed one drops what was logged after its checkpoint."""
+        path = self.run_dir / "metrics.jsonl"
+        if resumed_step is None or not path.is_file():
+            path.unlink(missing_ok=True)
+            return
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resumed_step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+    def earlier_evaluations(self) -> dict:
+        """The "before" scores a resumed run logged when it first started."""
+        path = self.run_dir / "metrics.jsonl"
+        lines = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+        results: dict = {}
+        for line in lines:
+            if line.get("tag") == "before":
+                for key, value in line.items():
+                    if key.startswith("eval/"):
+                        _, name, metric = key.split("/", 2)
+                        results.setdefault("before", {}).setdefault(name, {})[metric] = value
+        return results
+
+    # -- evaluation, logging ------------------------------------------------------------------
     def evaluate(self, tag: str) -> dict:
-        results = self.evaluate_fn(self.accelerator.unwrap_model(self.model))
+        results = self.evaluate_fn(self.unwrapped)
         self.log({f"eval/{name}/{metric}": value for name, metrics in results.items()
                   for metric, value in metrics.items()}, tag=tag)
         return results
@@ -166,15 +343,6 @@ class Trainer:
             line = {"step": self.step, **({"tag": tag} if tag else {}), **record}
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(line, ensure_ascii=False) + "\n")
-
-    def save(self) -> None:
-        """A resumable state (sharded under ZeRO) and consolidated weights beside the config."""
-        acc = self.accelerator
-        acc.save_state(str(self.run_dir / "checkpoints" / f"step_{self.step}"))
-        acc.save_model(self.model, str(self.run_dir / "model"))
-        if acc.is_main_process:
-            save_config(self.cfg, self.run_dir / "model" / "config.yaml")
-        acc.wait_for_everyone()
 
 
 def format_results(results: dict) -> str:

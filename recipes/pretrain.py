@@ -42,28 +42,41 @@ def main(argv: list[str] | None = None) -> dict:
         accelerator = build_accelerator(cfg.train, run_dir)
         configure_deepspeed(accelerator, cfg)
     except ConfigError as e:
-        if os.environ.get("RANK", "0") == "0":  # every rank sees the same config: one saying so is enough
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    set_seed(cfg.train.seed)  # the same initial weights on every rank
+        fail(e)
+    # Each process draws its own dropout and FLIP masks (the initial weights are seeded apart, the
+    # same on every rank): with one seed everywhere, sample i of every rank would get the same mask.
+    set_seed(cfg.train.seed, device_specific=True)
 
     # 2. Tokenizer and model.
     tokenizer = load_tokenizer(cfg.data.vocab, cfg.data.context_length)
-    model = ChineseCLIP(cfg.model)
     image_size = cfg.model.vision.image_size
 
-    # 3. Data: this rank's share of every global batch, and the held-out evaluation sets.
-    train_loader = build_train_loader(cfg.data, tokenizer, image_size, rank=accelerator.process_index,
-                                      world_size=accelerator.num_processes, seed=cfg.train.seed)
+    # 3. Data: this rank's share of every global batch, from any position in the stream, and the
+    #    held-out evaluation sets.
+    def make_loader(batch_size: int, start_sample: int):
+        return build_train_loader(cfg.data, tokenizer, image_size, rank=accelerator.process_index,
+                                  world_size=accelerator.num_processes, seed=cfg.train.seed,
+                                  batch_size=batch_size, start_sample=start_sample)
+
     evaluate = synthetic_evaluator(cfg.data, image_size, tokenizer, accelerator.device, cfg.eval.batch_size)
 
-    # 4. Train, evaluate before and after, save (the tokenizer beside the weights: model/ is self-contained).
-    accelerator.print(f"run directory: {run_dir}  processes: {accelerator.num_processes}  "
-                      f"global batch: {cfg.data.batch_size * accelerator.num_processes}")
-    results = Trainer(cfg, accelerator, model, train_loader, evaluate, run_dir).fit()
+    # 4. Train stage by stage (resuming from the newest checkpoint if there is one), evaluate before
+    #    and after, save (the tokenizer beside the weights: model/ is self-contained).
+    accelerator.print(f"run directory: {run_dir}  processes: {accelerator.num_processes}")
+    try:
+        trainer = Trainer(cfg, accelerator, lambda: ChineseCLIP(cfg.model), make_loader, evaluate, run_dir)
+        results = trainer.fit()
+    except ConfigError as e:
+        fail(e)
     if accelerator.is_main_process:
         tokenizer.save(run_dir / "model")
     return results
+
+
+def fail(error: ConfigError) -> None:
+    if os.environ.get("RANK", "0") == "0":  # every rank sees the same config: one saying so is enough
+        print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

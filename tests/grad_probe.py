@@ -21,6 +21,7 @@ from chinese_clip.data.loaders import build_collator
 from chinese_clip.data.synthetic import SyntheticShapes
 from chinese_clip.model import ChineseCLIP
 from chinese_clip.runtime import build_accelerator, configure_deepspeed
+from chinese_clip.stages import resolve_lr_scales, stage_rules
 from chinese_clip.tokenizer import load_tokenizer
 from chinese_clip.trainer import Trainer
 
@@ -72,7 +73,10 @@ def main(out: str, run_dir: str, accum_freq: str, micro_batch: str, *overrides: 
     set_seed(0)
     # float64: the gradient of a freshly initialised model is a small difference of large terms, so
     # float32 rounding alone moves it by ~1e-5; in float64 any real difference stands out.
-    trainer = Trainer(cfg, accelerator, ChineseCLIP(cfg.model).double(), None, None, Path(run_dir))
+    trainer = Trainer(cfg, accelerator, lambda: ChineseCLIP(cfg.model).double(), None, None, Path(run_dir))
+    stage = trainer.plan[0]
+    weights = trainer.new_model().state_dict()
+    trainer.build_engine(stage, weights, resolve_lr_scales(list(weights), stage_rules(stage.cfg, cfg.loss.name), stage.name))
     world, rank = accelerator.num_processes, accelerator.process_index
     dataset = SyntheticShapes("train", accum * b * world, cfg.model.vision.image_size)
     collate = build_collator(cfg.data, load_tokenizer(None, cfg.data.context_length))

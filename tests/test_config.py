@@ -72,7 +72,25 @@ def test_round_trip_through_yaml(tmp_path):
     assert load_config(tmp_path / "c.yaml") == cfg
     defaults = load_config(None)
     defaults.model.init_logit_scale = defaults.model.init_logit_bias = None  # resolved from loss.name
+    defaults.stages = []  # resolved from train.steps
     assert defaults == Config()
+
+
+def test_a_run_without_stages_is_one_stage_that_inherits_everything():
+    cfg = load_config(None, ["train.steps=50", "optim.lr=2e-3", "model.vision.patch_drop_rate=0.5", "data.batch_size=8"])
+    (stage,) = cfg.stages
+    assert (stage.name, stage.steps, stage.lr, stage.mask_ratio, stage.batch_size) == ("train", 50, 2e-3, 0.5, 8)
+    assert (stage.warmup_steps, stage.schedule, stage.weight_decay) == (cfg.optim.warmup_steps, "cosine", cfg.optim.weight_decay)
+    assert cfg.train.steps is None, "the saved config gives the length once, in its stage"
+    assert load_config(None).stages[0].steps == 1000
+
+
+def test_stages_inherit_what_they_do_not_set_and_take_list_overrides():
+    cfg = load_config(ROOT / "recipes" / "configs" / "tiny_staged.yaml", ["stages.1.lr=3e-4", "stages.2.steps=7"])
+    lit, flip, unmasked = cfg.stages
+    assert (lit.lr, flip.lr, unmasked.lr) == (cfg.optim.lr, 3e-4, 2e-4)
+    assert (lit.batch_size, flip.batch_size) == (cfg.data.batch_size, 128) and unmasked.steps == 7
+    assert flip.params == unmasked.params and flip.params[0].lr_scale == 0.5
 
 
 def test_logit_initialisation_follows_the_loss_unless_set():
@@ -98,6 +116,16 @@ def test_logit_initialisation_follows_the_loss_unless_set():
     (["eval.at_end=yes please"], "eval.at_end: expected true or false"),
     (["model=3"], "model: expected a section"),
     (["optim.lr"], "not of the form key=value"),
+    (["stages=[{name: a, steps: 5}]", "train.steps=5"], "train.steps and stages both set the run's length"),
+    (["stages=[{name: a}]"], "stages[0] (a): give exactly one of steps and samples"),
+    (["stages=[{name: a, steps: 5, samples: 9}]"], "stages[0] (a): give exactly one of steps and samples"),
+    (["stages=[{name: a, steps: 5, mask_ratio: 1.0}]"], "stages[0] (a): mask_ratio must be in [0, 1)"),
+    (["stages=[{name: a, steps: 5}, {name: a, steps: 5}]"], "stage name 'a' is used twice"),
+    (["stages=[{name: a, steps: 5, params: [{pattern: 'visual.(*'}]}]"], 'pattern "visual.(*" is not a valid regular expression'),
+    (["stages=[{name: a, steps: 5, params: [{pattern: x, lr_scale: -1}]}]"], 'lr_scale of "x" must be >= 0'),
+    (["stages=[{name: a, steps: 5, frozen: true}]"], "unknown config key stages[0].frozen"),
+    (["stages=[{name: a, steps: 5}]", "stages.3.lr=1"], "override stages.3.lr: stages has 1 entries; '3' is not one of their indices"),
+    (["model.vision.patch_drop_rate=1.5"], "model.vision.patch_drop_rate must be in [0, 1)"),
 ])
 def test_bad_overrides_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as e:

@@ -26,9 +26,18 @@ def test_each_epoch_is_a_permutation_and_epochs_differ():
     assert first != second
 
 
-def test_starting_at_a_step_continues_the_same_sequence():
+def test_starting_at_a_sample_continues_the_same_sequence():
     full = _take(GlobalBatchSampler(50, 4, rank=1, world_size=2, seed=1), 20)
-    assert _take(GlobalBatchSampler(50, 4, rank=1, world_size=2, seed=1, start_step=13), 7) == full[13:]
+    assert _take(GlobalBatchSampler(50, 4, rank=1, world_size=2, seed=1, start_sample=13 * 8), 7) == full[13:]
+
+
+def test_the_stream_is_the_same_whatever_the_batch_size_along_the_way():
+    """A stage that doubles the batch continues the stream where the previous stage left it."""
+    stream = sum(_take(GlobalBatchSampler(30, 1, seed=2), 75), [])
+    assert sorted(stream[:30]) == sorted(stream[30:60]) == list(range(30))  # epochs, run across by batches
+    small = sum(_take(GlobalBatchSampler(30, 4, seed=2), 5), [])  # samples 0-19
+    large = sum(_take(GlobalBatchSampler(30, 8, seed=2, start_sample=20), 5), [])  # samples 20-59
+    assert small + large == stream[:60]
 
 
 def test_synthetic_images_are_a_function_of_seed_and_index():

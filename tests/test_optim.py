@@ -4,7 +4,7 @@ import pytest
 
 from chinese_clip.config import OptimConfig
 from chinese_clip.model import ChineseCLIP
-from chinese_clip.optim import build_optimizer, lr_at, set_lr
+from chinese_clip.optim import build_optimizer, lr_at, set_lr, set_weight_decay
 
 
 def test_no_decay_on_norms_biases_logit_params_and_vit_embeddings(tiny_model_cfg):
@@ -36,3 +36,25 @@ def test_set_lr_applies_group_multipliers(tiny_model_cfg):
     opt.param_groups[1]["lr_scale"] = 0.5
     set_lr(opt, 2e-3)
     assert [g["lr"] for g in opt.param_groups] == [2e-3, 1e-3]
+
+
+def test_linear_and_constant_schedules_after_the_same_warmup():
+    linear = OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.2, schedule="linear")
+    constant = OptimConfig(lr=1.0, warmup_steps=10, schedule="constant")
+    assert lr_at(4, 110, linear) == lr_at(4, 110, constant) == pytest.approx(0.5)
+    assert lr_at(60, 110, linear) == pytest.approx(0.2 + 0.8 * 0.5)
+    assert lr_at(110, 110, linear) == pytest.approx(0.2)
+    assert lr_at(60, 110, constant) == lr_at(109, 110, constant) == 1.0
+
+
+def test_groups_split_by_multiplier_and_weight_decay_follows_the_stage(tiny_model_cfg):
+    model = ChineseCLIP(tiny_model_cfg)
+    scales = {n: (0.1 if n.startswith("text.") else 1.0) for n, p in model.named_parameters() if p.requires_grad}
+    opt = build_optimizer(model, OptimConfig(weight_decay=0.2), scales)
+    keys = {(g["decays"], g["lr_scale"]) for g in opt.param_groups}
+    assert keys == {(True, 1.0), (True, 0.1), (False, 1.0), (False, 0.1)}
+    text_weight = model.text.encoder.layer[0].output.dense.weight
+    (group,) = [g for g in opt.param_groups if any(p is text_weight for p in g["params"])]
+    assert (group["decays"], group["lr_scale"], group["weight_decay"]) == (True, 0.1, 0.2)
+    set_weight_decay(opt, 0.05)
+    assert {g["weight_decay"] for g in opt.param_groups} == {0.05, 0.0}

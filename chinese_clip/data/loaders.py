@@ -1,6 +1,7 @@
 """Training and evaluation data from a DataConfig."""
 from __future__ import annotations
 
+import torch
 from torch.utils.data import DataLoader
 
 from chinese_clip.config import DataConfig
@@ -15,13 +16,17 @@ def build_collator(cfg: DataConfig, tokenizer: ChineseTokenizer) -> ImageTextCol
 
 
 def build_train_loader(cfg: DataConfig, tokenizer: ChineseTokenizer, image_size: int, *, rank: int,
-                       world_size: int, seed: int, start_step: int = 0) -> DataLoader:
-    """An endless loader of this rank's share of each global batch (see GlobalBatchSampler)."""
+                       world_size: int, seed: int, batch_size: int | None = None, start_sample: int = 0) -> DataLoader:
+    """An endless loader of this rank's `batch_size` (default cfg.batch_size) rows of each global batch,
+    starting `start_sample` samples into the stream (see GlobalBatchSampler)."""
     dataset = SyntheticShapes("train", cfg.synthetic.train_size, image_size, seed=cfg.synthetic.seed)
-    sampler = GlobalBatchSampler(len(dataset), cfg.batch_size, rank=rank, world_size=world_size,
-                                 seed=seed, start_step=start_step)
+    sampler = GlobalBatchSampler(len(dataset), batch_size or cfg.batch_size, rank=rank, world_size=world_size,
+                                 seed=seed, start_sample=start_sample)
+    # Its own generator: starting to iterate must not draw from the global RNG, whose state a
+    # resumed run restores from the checkpoint and must continue exactly as the uninterrupted run.
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=build_collator(cfg, tokenizer),
-                      num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
+                      num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
+                      generator=torch.Generator().manual_seed(seed))
 
 
 def build_eval_sets(cfg: DataConfig, image_size: int) -> dict[str, SyntheticShapes]:

@@ -1,0 +1,148 @@
+"""FLIP patch masking: step time and peak memory against the mask ratio, and the largest batch that
+fits a memory budget, for a ViT-heavy preset.
+
+    python bench/flip_speed.py [--config recipes/configs/vit_b16_rbt3.yaml] [--batch 8]
+                               [--ratios 0 0.5 0.75] [--budget-gib 6] [--out FILE.json]
+
+Every measurement runs in a fresh process, on the GPU when there is one (bf16 autocast) and
+otherwise on the CPU (fp32, all cores). A step is what training does: both towers forward with
+the stage's mask ratio, InfoNCE, backward, AdamW. The vision-tower step is the image tower alone
+(forward with the mask + backward), the part masking speeds up. Times are medians over --repeat
+steps after a warm-up step. Peak memory is the whole process: weights, AdamW state, gradients
+and activations (CUDA: max_memory_allocated; CPU: peak RSS, glibc told to return freed blocks
+at once). The largest batch under --budget-gib is found by fitting peak = a + b x batch through
+two measured batches, then checked by running that batch and the next multiple of 8.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import resource
+import statistics
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from chinese_clip.config import load_config
+from chinese_clip.losses import clip_loss
+from chinese_clip.model import ChineseCLIP
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def peak_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def measure(config: str, ratio: float, batch: int, repeat: int) -> dict:
+    """In a fresh process: times of the vision-tower step and the full step, and the peak memory."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
+    cfg = load_config(config)
+    torch.manual_seed(0)
+    model = ChineseCLIP(cfg.model).to(device).train()
+    model.set_mask_ratio(ratio)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    size, length = cfg.model.vision.image_size, cfg.data.context_length
+    pixels = torch.randn(batch, 3, size, size, device=device)
+    input_ids = torch.randint(1000, 8000, (batch, length), device=device)
+    attention_mask = torch.ones_like(input_ids)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def vision_step():
+        with autocast:
+            features = model.encode_image(pixels)
+        features.float().pow(2).sum().backward()  # any scalar of the features: the tower's backward is the same
+        model.zero_grad(set_to_none=True)
+
+    def full_step():
+        with autocast:
+            image, text, scale, _ = model(pixels, input_ids, attention_mask)
+        clip_loss(image.float(), text.float(), scale.float()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def timed(step) -> float:
+        seconds = []
+        for _ in range(repeat + 1):  # the first pays for allocation and kernel selection
+            sync()
+            tic = time.perf_counter()
+            step()
+            sync()
+            seconds.append(time.perf_counter() - tic)
+        return statistics.median(seconds[1:] or seconds)
+
+    full = timed(full_step)
+    peak = peak_bytes(device)
+    vision = timed(vision_step) if repeat > 0 else None
+    return {"ratio": ratio, "batch": batch, "vision_s": vision, "step_s": full, "peak_gib": peak / 2**30,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x {torch.get_num_threads()}"}
+
+
+def in_fresh_process(*args) -> dict:
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(measure, args)
+
+
+def largest_batch(config: str, ratio: float, budget_gib: float, probes: tuple[int, int]) -> dict:
+    """Fit peak(batch) = a + b x batch through two measured batches; check the prediction by running it."""
+    (b1, b2) = probes
+    p1, p2 = (in_fresh_process(config, ratio, b, 0)["peak_gib"] for b in probes)
+    per_sample = (p2 - p1) / (b2 - b1)
+    predicted = int((budget_gib - (p1 - per_sample * b1)) / per_sample) // 8 * 8
+    fits = in_fresh_process(config, ratio, predicted, 0)["peak_gib"]
+    over = in_fresh_process(config, ratio, predicted + 8, 0)["peak_gib"]
+    return {"ratio": ratio, "per_sample_mib": per_sample * 1024, "largest_batch": predicted,
+            "peak_gib_at_largest": fits, "peak_gib_at_next": over, "fits": fits <= budget_gib < over}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(ROOT / "recipes" / "configs" / "vit_b16_rbt3.yaml"))
+    parser.add_argument("--batch", type=int, default=8, help="per-device batch of the timed steps")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.5, 0.75])
+    parser.add_argument("--repeat", type=int, default=3, help="timed steps after the warm-up step")
+    parser.add_argument("--budget-gib", type=float, default=6.0, help="memory budget for the largest-batch search")
+    parser.add_argument("--probes", type=int, nargs=2, default=[8, 24], help="batches the memory line is fitted through")
+    parser.add_argument("--out", help="also write the figures as JSON")
+    args = parser.parse_args()
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)  # read by glibc when each fresh process starts
+
+    timings = []
+    for ratio in args.ratios:
+        timings.append(in_fresh_process(args.config, ratio, args.batch, args.repeat))
+        t = timings[-1]
+        print(f"ratio {ratio:.2f}: vision step {t['vision_s']:.3f} s  full step {t['step_s']:.3f} s  "
+              f"peak {t['peak_gib']:.2f} GiB  ({t['device']})", flush=True)
+    budgets = []
+    for ratio in args.ratios:
+        budgets.append(largest_batch(args.config, ratio, args.budget_gib, tuple(args.probes)))
+        print(f"ratio {ratio:.2f}: largest batch under {args.budget_gib} GiB: {budgets[-1]['largest_batch']} "
+              f"(checked: {budgets[-1]['peak_gib_at_largest']:.2f} GiB; +8: {budgets[-1]['peak_gib_at_next']:.2f} GiB)",
+              flush=True)
+
+    base = timings[0]
+    print(f"\n{Path(args.config).name}, batch {args.batch}, {base['device']}\n")
+    print("| mask ratio | vision-tower step | speed-up | full step | speed-up | peak memory | largest batch "
+          f"under {args.budget_gib:g} GiB |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for t, b in zip(timings, budgets):
+        print(f"| {t['ratio']:.2f} | {t['vision_s']:.3f} s | {base['vision_s'] / t['vision_s']:.2f}x | "
+              f"{t['step_s']:.3f} s | {base['step_s'] / t['step_s']:.2f}x | {t['peak_gib']:.2f} GiB | "
+              f"{b['largest_batch']}{'' if b['fits'] else ' (check failed)'} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"args": vars(args), "timings": timings, "largest_batch": budgets}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Staged schedules: where each stage sits on the run's step axis, and which parameters it trains.
+
+Freezing is data: a stage lists (regex over parameter names, lr multiplier) rules, first match
+wins, multiplier 0 freezes. Resolving rules is a pure function of the parameter names, so the
+trainer can tell whether a boundary changes what trains (and so needs a new DeepSpeed engine)
+before touching the model.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+from chinese_clip.config import ConfigError, ParamRule, StageConfig
+
+TOWERS = {"visual": "vision", "visual_projection": "vision", "text": "text", "text_projection": "text"}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A StageConfig placed on the run: its steps are [start_step, end_step) of the whole run."""
+    index: int
+    cfg: StageConfig
+    start_step: int
+    steps: int
+    batch_size: int  # per process and micro-batch
+    global_batch: int  # samples per optimizer step: batch_size x processes x accum_freq
+    start_sample: int  # position in the data stream at the stage's first step
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    @property
+    def end_step(self) -> int:
+        return self.start_step + self.steps
+
+    def sample_at(self, step: int) -> int:
+        """Position in the data stream before run step `step` of this stage."""
+        return self.start_sample + (step - self.start_step) * self.global_batch
+
+    def describe(self) -> dict:
+        """What a checkpoint records of the stage, to refuse resuming under a different schedule."""
+        return {"name": self.name, "start_step": self.start_step, "steps": self.steps,
+                "global_batch": self.global_batch}
+
+
+def plan_stages(stages: list[StageConfig], processes: int, accum_freq: int) -> list[Stage]:
+    plan, step, sample = [], 0, 0
+    for index, cfg in enumerate(stages):
+        global_batch = cfg.batch_size * processes * accum_freq
+        steps = cfg.steps if cfg.steps is not None else -(-cfg.samples // global_batch)
+        plan.append(Stage(index, cfg, step, steps, cfg.batch_size, global_batch, sample))
+        step, sample = step + steps, sample + steps * global_batch
+    return plan
+
+
+def stage_rules(stage: StageConfig, loss_name: str) -> list[ParamRule]:
+    """The stage's rules, after the ones every stage has: InfoNCE has no bias term to train."""
+    always = [ParamRule("logit_bias", 0.0)] if loss_name == "clip" else []
+    return always + list(stage.params)
+
+
+def resolve_lr_scales(names: list[str], rules: list[ParamRule], stage_name: str) -> dict[str, float]:
+    """name -> lr multiplier (0: frozen) for every parameter name. A rule that matches no parameter
+    is a typo that would silently train what was meant to be frozen: refused."""
+    compiled = [(re.compile(rule.pattern), rule) for rule in rules]
+    scales, used = {}, set()
+    for name in names:
+        for pattern, rule in compiled:
+            if pattern.fullmatch(name):
+                scales[name] = rule.lr_scale
+                used.add(rule.pattern)
+                break
+        else:
+            scales[name] = 1.0
+    for rule in rules:
+        if rule.pattern not in used:
+            raise ConfigError(f"stage {stage_name!r}: pattern \"{rule.pattern}\" matches no parameter (names look like "
+                              f"{', '.join(names[i] for i in (2, len(names) // 2, -3))}) or only ones an earlier "
+                              "rule already matched")
+    if not any(scales.values()):
+        raise ConfigError(f"stage {stage_name!r} freezes every parameter")
+    return scales
+
+
+def freeze(model: nn.Module, scales: dict[str, float]) -> dict[str, float]:
+    """Set requires_grad from the multipliers; returns the trainable parameters' multipliers."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(scales[name] > 0)
+    return {name: scale for name, scale in scales.items() if scale > 0}
+
+
+def tower_of(name: str) -> str:
+    return TOWERS.get(name.split(".")[0], "logit")
+
+
+def summary(stage: Stage, total_stages: int, sizes: dict[str, int], scales: dict[str, float],
+            processes: int, accum_freq: int) -> str:
+    """Printed at a stage's start: its span, batch, mask ratio, lr, and what trains in each tower."""
+    c = stage.cfg
+    length = f"steps {stage.start_step}-{stage.end_step - 1} ({stage.steps} steps, {stage.steps * stage.global_batch:,} samples)"
+    accum = f" x {accum_freq} micro-batches" if accum_freq > 1 else ""
+    lines = [
+        f"stage {stage.index + 1}/{total_stages} {stage.name!r}: {length}",
+        f"  batch {stage.batch_size} x {processes} processes{accum} = {stage.global_batch} per step, "
+        f"mask ratio {c.mask_ratio:.2f}",
+        f"  lr {c.lr:.2e} (warmup {c.warmup_steps}, {c.schedule}, floor x {c.min_lr_ratio}), weight decay {c.weight_decay}",
+    ]
+    for tower in ("vision", "text", "logit"):
+        names = [n for n in sizes if tower_of(n) == tower]
+        total = sum(sizes[n] for n in names)
+        by_scale: dict[float, int] = {}
+        for n in names:
+            if scales[n] > 0:
+                by_scale[scales[n]] = by_scale.get(scales[n], 0) + sizes[n]
+        trained = sum(by_scale.values())
+        detail = ", ".join(f"lr x {s:g}: {count:,}" for s, count in sorted(by_scale.items(), reverse=True))
+        state = "frozen" if trained == 0 else detail
+        lines.append(f"  {tower:<7} {trained:>13,} of {total:>13,} parameters train ({state})")
+    return "\n".join(lines)

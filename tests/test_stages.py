@@ -1,0 +1,68 @@
+"""Stage plans and freeze rules as data: lengths in steps or samples, first matching rule wins, typos refused."""
+import re
+
+import pytest
+
+from chinese_clip.config import ConfigError, ParamRule, StageConfig, load_config
+from chinese_clip.model import ChineseCLIP
+from chinese_clip.stages import freeze, plan_stages, resolve_lr_scales, stage_rules, summary
+
+NAMES = ["logit_scale", "logit_bias", "visual.cls_token", "visual.blocks.0.attn.qkv.weight",
+         "visual.blocks.1.attn.qkv.weight", "visual.blocks.11.mlp.fc1.weight", "visual_projection.weight",
+         "text.embeddings.word_embeddings.weight", "text.encoder.layer.0.output.dense.weight", "text_projection.weight"]
+
+
+def test_lengths_in_samples_round_up_to_whole_global_batches():
+    stages = [StageConfig("a", steps=10, batch_size=4), StageConfig("b", samples=100, batch_size=8),
+              StageConfig("c", samples=64, batch_size=4)]
+    a, b, c = plan_stages(stages, processes=2, accum_freq=2)
+    assert (a.global_batch, a.start_step, a.end_step, a.start_sample) == (16, 0, 10, 0)
+    assert (b.global_batch, b.steps, b.start_step, b.start_sample) == (32, 4, 10, 160)  # 100 / 32 -> 4 steps
+    assert (c.steps, c.start_step, c.start_sample) == (4, 14, 288)
+    assert b.sample_at(12) == 160 + 2 * 32
+
+
+def test_first_matching_rule_wins_and_unmatched_parameters_train_at_full_lr():
+    rules = [ParamRule(r"visual\.blocks\.11\..*", 0.5), ParamRule(r"visual(_projection)?\..*", 0.0),
+             ParamRule(r"text\.embeddings\..*", 0.1)]
+    scales = resolve_lr_scales(NAMES, rules, "s")
+    assert scales["visual.blocks.11.mlp.fc1.weight"] == 0.5  # all but the last block frozen
+    assert scales["visual.blocks.0.attn.qkv.weight"] == scales["visual_projection.weight"] == 0.0
+    assert scales["text.embeddings.word_embeddings.weight"] == 0.1
+    assert scales["text.encoder.layer.0.output.dense.weight"] == scales["logit_scale"] == 1.0
+
+
+def test_patterns_match_whole_names():
+    with pytest.raises(ConfigError, match='pattern "visual" matches no parameter'):
+        resolve_lr_scales(NAMES, [ParamRule("visual", 0.0)], "lit")
+
+
+def test_a_rule_that_matches_nothing_or_freezes_everything_is_refused():
+    with pytest.raises(ConfigError, match=re.escape('stage \'lit\': pattern "visaul\\..*" matches no parameter (names look like visual.cls_token')):
+        resolve_lr_scales(NAMES, [ParamRule(r"visaul\..*", 0.0)], "lit")
+    with pytest.raises(ConfigError, match="only ones an earlier rule already matched"):
+        resolve_lr_scales(NAMES, [ParamRule(r"visual\..*", 0.0), ParamRule(r"visual\.cls_token", 1.0)], "lit")
+    with pytest.raises(ConfigError, match="stage 'x' freezes every parameter"):
+        resolve_lr_scales(NAMES, [ParamRule(".*", 0.0)], "x")
+
+
+def test_infonce_never_trains_the_bias_whatever_the_stage_says():
+    stage = StageConfig("s", steps=1, params=[ParamRule("logit_.*", 2.0)])
+    assert resolve_lr_scales(NAMES, stage_rules(stage, "clip"), "s")["logit_bias"] == 0.0
+    assert resolve_lr_scales(NAMES, stage_rules(stage, "siglip"), "s")["logit_bias"] == 2.0
+
+
+def test_freeze_sets_requires_grad_and_the_summary_counts_each_tower(tiny_model_cfg):
+    model = ChineseCLIP(tiny_model_cfg)
+    names = [n for n, _ in model.named_parameters()]
+    scales = resolve_lr_scales(names, [ParamRule(r"visual(_projection)?\..*", 0.0)], "lit")
+    trainable = freeze(model, scales)
+    assert set(trainable) == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n.startswith("visual"))
+    cfg = load_config(None, ["train.steps=10"])
+    (stage,) = plan_stages(cfg.stages, processes=2, accum_freq=1)
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    vision = sum(v for n, v in sizes.items() if n.startswith("visual"))
+    text = summary(stage, 1, sizes, scales, 2, 1)
+    assert f"vision              0 of {vision:>13,} parameters train (frozen)" in text
+    assert "batch 128 x 2 processes = 256 per step, mask ratio 0.00" in text
