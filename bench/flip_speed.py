@@ -10,8 +10,9 @@ the stage's mask ratio, InfoNCE, backward, AdamW. The vision-tower step is the i
 (forward with the mask + backward), the part masking speeds up. Times are medians over --repeat
 steps after a warm-up step. Peak memory is the whole process: weights, AdamW state, gradients
 and activations (CUDA: max_memory_allocated; CPU: peak RSS, glibc told to return freed blocks
-at once). The largest batch under --budget-gib is found by fitting peak = a + b x batch through
-two measured batches, then checked by running that batch and the next multiple of 8.
+at once). The largest batch under --budget-gib (a multiple of 8) is searched with real steps:
+doubling from 8 until one does not fit, then bisecting. Peak memory is not linear in the batch at
+small batches (AdamW's step has its own fixed peak), so it is measured rather than extrapolated.
 """
 from __future__ import annotations
 
@@ -93,16 +94,24 @@ def in_fresh_process(*args) -> dict:
         return pool.apply(measure, args)
 
 
-def largest_batch(config: str, ratio: float, budget_gib: float, probes: tuple[int, int]) -> dict:
-    """Fit peak(batch) = a + b x batch through two measured batches; check the prediction by running it."""
-    (b1, b2) = probes
-    p1, p2 = (in_fresh_process(config, ratio, b, 0)["peak_gib"] for b in probes)
-    per_sample = (p2 - p1) / (b2 - b1)
-    predicted = int((budget_gib - (p1 - per_sample * b1)) / per_sample) // 8 * 8
-    fits = in_fresh_process(config, ratio, predicted, 0)["peak_gib"]
-    over = in_fresh_process(config, ratio, predicted + 8, 0)["peak_gib"]
-    return {"ratio": ratio, "per_sample_mib": per_sample * 1024, "largest_batch": predicted,
-            "peak_gib_at_largest": fits, "peak_gib_at_next": over, "fits": fits <= budget_gib < over}
+def largest_batch(config: str, ratio: float, budget_gib: float, start: int) -> dict:
+    """The largest multiple of 8 whose training step stays under the budget: double from `start`
+    until a step does not fit, then bisect. Each try is a real step in a fresh process."""
+    tried: dict[int, float] = {}
+
+    def fits(batch: int) -> bool:
+        tried[batch] = in_fresh_process(config, ratio, batch, 0)["peak_gib"]
+        return tried[batch] <= budget_gib
+
+    if not fits(start):
+        return {"ratio": ratio, "largest_batch": 0, "tried": tried}
+    low, high = start, 2 * start
+    while fits(high):
+        low, high = high, 2 * high
+    while high - low > 8:
+        middle = (low + high) // 16 * 8
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return {"ratio": ratio, "largest_batch": low, "tried": dict(sorted(tried.items()))}
 
 
 def main() -> None:
@@ -111,8 +120,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="per-device batch of the timed steps")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.5, 0.75])
     parser.add_argument("--repeat", type=int, default=3, help="timed steps after the warm-up step")
-    parser.add_argument("--budget-gib", type=float, default=6.0, help="memory budget for the largest-batch search")
-    parser.add_argument("--probes", type=int, nargs=2, default=[8, 24], help="batches the memory line is fitted through")
+    parser.add_argument("--budget-gib", type=float, default=6.0, help="memory budget for the largest-batch search; 0 skips it")
     parser.add_argument("--out", help="also write the figures as JSON")
     args = parser.parse_args()
     os.environ["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)  # read by glibc when each fresh process starts
@@ -124,21 +132,21 @@ def main() -> None:
         print(f"ratio {ratio:.2f}: vision step {t['vision_s']:.3f} s  full step {t['step_s']:.3f} s  "
               f"peak {t['peak_gib']:.2f} GiB  ({t['device']})", flush=True)
     budgets = []
-    for ratio in args.ratios:
-        budgets.append(largest_batch(args.config, ratio, args.budget_gib, tuple(args.probes)))
-        print(f"ratio {ratio:.2f}: largest batch under {args.budget_gib} GiB: {budgets[-1]['largest_batch']} "
-              f"(checked: {budgets[-1]['peak_gib_at_largest']:.2f} GiB; +8: {budgets[-1]['peak_gib_at_next']:.2f} GiB)",
-              flush=True)
+    for ratio in args.ratios if args.budget_gib > 0 else []:
+        budgets.append(largest_batch(args.config, ratio, args.budget_gib, start=8))
+        tried = ", ".join(f"{batch}: {gib:.2f}" for batch, gib in budgets[-1]["tried"].items())
+        print(f"ratio {ratio:.2f}: largest batch under {args.budget_gib:g} GiB: {budgets[-1]['largest_batch']} "
+              f"(peak GiB by batch: {tried})", flush=True)
 
     base = timings[0]
     print(f"\n{Path(args.config).name}, batch {args.batch}, {base['device']}\n")
-    print("| mask ratio | vision-tower step | speed-up | full step | speed-up | peak memory | largest batch "
-          f"under {args.budget_gib:g} GiB |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for t, b in zip(timings, budgets):
+    largest_header = f" largest batch under {args.budget_gib:g} GiB |" if budgets else ""
+    print(f"| mask ratio | vision-tower step | speed-up | full step | speed-up | peak memory |{largest_header}")
+    print("|---:" * (7 if budgets else 6) + "|")
+    for i, t in enumerate(timings):
+        largest = f" {budgets[i]['largest_batch']} |" if budgets else ""
         print(f"| {t['ratio']:.2f} | {t['vision_s']:.3f} s | {base['vision_s'] / t['vision_s']:.2f}x | "
-              f"{t['step_s']:.3f} s | {base['step_s'] / t['step_s']:.2f}x | {t['peak_gib']:.2f} GiB | "
-              f"{b['largest_batch']}{'' if b['fits'] else ' (check failed)'} |")
+              f"{t['step_s']:.3f} s | {base['step_s'] / t['step_s']:.2f}x | {t['peak_gib']:.2f} GiB |{largest}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"args": vars(args), "timings": timings, "largest_batch": budgets}, f, indent=2)

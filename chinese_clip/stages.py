@@ -96,6 +96,15 @@ def tower_of(name: str) -> str:
     return TOWERS.get(name.split(".")[0], "logit")
 
 
+def tower_counts(sizes: dict[str, int], scales: dict[str, float]) -> dict[str, dict[float, int]]:
+    """tower -> {lr multiplier: parameter count}, multiplier 0 being the frozen ones."""
+    counts: dict[str, dict[float, int]] = {"vision": {}, "text": {}, "logit": {}}
+    for name, size in sizes.items():
+        by_scale = counts[tower_of(name)]
+        by_scale[scales[name]] = by_scale.get(scales[name], 0) + size
+    return counts
+
+
 def summary(stage: Stage, total_stages: int, sizes: dict[str, int], scales: dict[str, float],
             processes: int, accum_freq: int) -> str:
     """Printed at a stage's start: its span, batch, mask ratio, lr, and what trains in each tower."""
@@ -108,15 +117,9 @@ def summary(stage: Stage, total_stages: int, sizes: dict[str, int], scales: dict
         f"mask ratio {c.mask_ratio:.2f}",
         f"  lr {c.lr:.2e} (warmup {c.warmup_steps}, {c.schedule}, floor x {c.min_lr_ratio}), weight decay {c.weight_decay}",
     ]
-    for tower in ("vision", "text", "logit"):
-        names = [n for n in sizes if tower_of(n) == tower]
-        total = sum(sizes[n] for n in names)
-        by_scale: dict[float, int] = {}
-        for n in names:
-            if scales[n] > 0:
-                by_scale[scales[n]] = by_scale.get(scales[n], 0) + sizes[n]
-        trained = sum(by_scale.values())
-        detail = ", ".join(f"lr x {s:g}: {count:,}" for s, count in sorted(by_scale.items(), reverse=True))
-        state = "frozen" if trained == 0 else detail
-        lines.append(f"  {tower:<7} {trained:>13,} of {total:>13,} parameters train ({state})")
+    for tower, by_scale in tower_counts(sizes, scales).items():
+        trained = {scale: count for scale, count in by_scale.items() if scale > 0}
+        detail = ", ".join(f"lr x {s:g}: {count:,}" for s, count in sorted(trained.items(), reverse=True))
+        lines.append(f"  {tower:<7} {sum(trained.values()):>13,} of {sum(by_scale.values()):>13,} parameters train "
+                     f"({detail or 'frozen'})")
     return "\n".join(lines)

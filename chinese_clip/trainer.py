@@ -25,7 +25,7 @@ from chinese_clip.optim import build_optimizer, lr_at, set_lr, set_weight_decay
 from chinese_clip.resume import (find_resume_checkpoint, read_trainer_state, read_weights, remove_partial_checkpoints,
                                  save_checkpoint, stage_weights_path, write_weights)
 from chinese_clip.runtime import offloads_optimizer, set_deepspeed_batch
-from chinese_clip.stages import Stage, freeze, plan_stages, resolve_lr_scales, stage_rules, summary
+from chinese_clip.stages import Stage, freeze, plan_stages, resolve_lr_scales, stage_rules, summary, tower_counts
 
 Evaluate = Callable[[nn.Module], dict[str, dict]]
 MakeLoader = Callable[[int, int], Iterable]  # (per-process batch size, first sample) -> batches
@@ -54,6 +54,10 @@ class Trainer:
         self.model = self.optimizer = self.stage = self.batches = None
         self.lr_scales: dict[str, float] = {}  # what the current engine trains, name -> lr multiplier
         self.step = 0
+        with torch.device("meta"):  # names only: a typo in the last stage's rules must not wait for that stage
+            names = [name for name, _ in self.new_model().named_parameters()]
+        for stage in self.plan:
+            resolve_lr_scales(names, stage_rules(stage.cfg, cfg.loss.name), stage.name)
         self.resume_from = find_resume_checkpoint(run_dir, cfg.checkpoint.resume)
         if self.resume_from is not None:
             self.check_resumable(read_trainer_state(self.resume_from))
@@ -208,11 +212,12 @@ class Trainer:
         self.stage = stage
         self.batches = iter(self.make_loader(stage.batch_size, stage.sample_at(self.step)))
         sizes = {name: p.ds_numel if hasattr(p, "ds_numel") else p.numel() for name, p in self.unwrapped.named_parameters()}
-        acc.print(summary(stage, len(self.plan), sizes, scales, acc.num_processes, cfg.train.accum_freq))
+        text = summary(stage, len(self.plan), sizes, scales, acc.num_processes, cfg.train.accum_freq)
+        acc.print(text)
+        towers = {f"stage/{tower}_{kind}": sum(count for scale, count in by_scale.items() if (scale > 0) == (kind == "trained"))
+                  for tower, by_scale in tower_counts(sizes, scales).items() for kind in ("trained", "frozen")}
         self.log({"stage/index": stage.index, "stage/name": stage.name, "stage/mask_ratio": stage.cfg.mask_ratio,
-                  "stage/global_batch": stage.global_batch,
-                  "stage/trainable_params": sum(sizes[n] for n in self.lr_scales),
-                  "stage/frozen_params": sum(sizes[n] for n in sizes if n not in self.lr_scales)})
+                  "stage/global_batch": stage.global_batch, "stage/lr": stage.cfg.lr, **towers, "stage/summary": text})
 
     def build_engine(self, stage: Stage, weights: dict[str, torch.Tensor], scales: dict[str, float]) -> None:
         """A fresh model holding `weights`, frozen by `scales`, prepared with a new optimizer. The old

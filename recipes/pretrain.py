@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     # same on every rank): with one seed everywhere, sample i of every rank would get the same mask.
     set_seed(cfg.train.seed, device_specific=True)
 
-    # 2. Tokenizer and model.
+    # 2. Tokenizer. The Trainer builds the model: once per engine, as stage boundaries rebuild it.
     tokenizer = load_tokenizer(cfg.data.vocab, cfg.data.context_length)
     image_size = cfg.model.vision.image_size
 

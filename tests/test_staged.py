@@ -151,10 +151,17 @@ def single_process_staged(tmp_path_factory):
 def test_each_stage_trains_its_parameters_and_nothing_else(single_process_staged):
     run_dir, stdout = single_process_staged
     check_stages(run_dir, processes=1, sharded=False)
-    assert "stage 1/3 'lit'" in stdout and "0 of" in stdout.split("stage 2/3")[0].split("vision")[1]
     starts = [m for m in metrics(run_dir) if "stage/index" in m]
     assert [(m["step"], m["stage/name"], m["stage/mask_ratio"], m["stage/global_batch"]) for m in starts] == [
         (0, "lit", 0.0, 16), (6, "flip", 0.5, 32), (12, "unmasked", 0.0, 16)]
+    weights = load_file(run_dir / "model" / "model.safetensors")
+    vision = sum(v.numel() for n, v in weights.items() if n.startswith("visual"))
+    text = sum(v.numel() for n, v in weights.items() if n.startswith("text"))
+    lit, flip, _ = starts
+    assert (lit["stage/vision_trained"], lit["stage/vision_frozen"], lit["stage/text_trained"]) == (0, vision, text)
+    assert (flip["stage/vision_trained"], flip["stage/text_trained"], flip["stage/logit_frozen"]) == (vision, text, 1)
+    assert f"vision              0 of {vision:>13,} parameters train (frozen)" in lit["stage/summary"]
+    assert lit["stage/summary"] in stdout
 
 
 def test_a_killed_run_resumes_to_the_same_weights(single_process_staged, tmp_path):
@@ -186,6 +193,14 @@ def test_resuming_under_a_different_schedule_or_model_is_refused(single_process_
     result = subprocess.run(command(run_dir, None, batch=16) + change, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: ") and message in result.stderr, result.stderr[-2000:]
+
+
+def test_a_typo_in_a_later_stage_stops_the_run_before_it_trains(tmp_path):
+    result = subprocess.run(command(tmp_path, None, batch=16) + ["stages.2.params=[{pattern: 'text\\.embedings\\..*'}]"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2
+    assert 'error: stage \'unmasked\': pattern "text\\.embedings\\..*" matches no parameter' in result.stderr, result.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()
 
 
 def test_load_pretrained_names_what_is_wrong(single_process_staged, tmp_path):
