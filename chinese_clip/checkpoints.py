@@ -1,23 +1,31 @@
-"""Model weights in and out: this project's model directory, and consolidated fp32 weights from a
-training checkpoint (ZeRO shards included).
+"""Model weights in and out: this project's model directory, Chinese-CLIP `.pt` files, HF
+`ChineseCLIPModel` directories, and consolidated fp32 weights from a training checkpoint (ZeRO
+shards included).
 
-A model directory holds `model.safetensors` (fp32), `config.yaml` (the run config; its `model`
-section is the architecture) and the tokenizer's `vocab.txt`.
+A model directory of ours holds `model.safetensors` (fp32), `config.yaml` (the run config; its
+`model` section is the architecture) and the tokenizer's `vocab.txt`. The key mappings between the
+formats live in `chinese_clip.convert`.
 """
 from __future__ import annotations
 
+import json
+import pickle
+import zipfile
 from pathlib import Path
 
 import torch
 from accelerate.utils.constants import MODEL_NAME, SAFE_WEIGHTS_NAME
 
-from chinese_clip.config import Config, load_config, save_config
+from chinese_clip import convert
+from chinese_clip.config import CLIP_MEAN, CLIP_STD, Config, ModelConfig, load_config, save_config
 from chinese_clip.model import ChineseCLIP
-from chinese_clip.resume import read_trainer_state, read_weights, write_weights
+from chinese_clip.resume import STATE_FILE, read_trainer_state, read_weights, write_weights
 from chinese_clip.tokenizer import ChineseTokenizer, load_tokenizer
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
+HF_CONFIG_FILE = "config.json"
+HF_WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 def save_pretrained(weights: dict[str, torch.Tensor], cfg: Config, out_dir: Path,
@@ -30,24 +38,85 @@ def save_pretrained(weights: dict[str, torch.Tensor], cfg: Config, out_dir: Path
         tokenizer.save(out_dir)
 
 
-def load_pretrained(path: str | Path) -> ChineseCLIP:
-    """A model directory written by `save_pretrained` (a run's `model/`, or `recipes/export.py`'s output)."""
+def load_pretrained(path: str | Path, model_name: str | None = None) -> ChineseCLIP:
+    """A Chinese-CLIP `.pt` (released or trained), an HF ChineseCLIPModel directory, or a model
+    directory of ours (a run's `model/`, or `recipes/export.py`'s output). A `.pt` holds no head
+    counts: they are width / 64, as in every released Chinese-CLIP, unless `model_name` names the
+    architecture ("ViT-B-16", or "<vision>@<text>" of cn_clip's model configs)."""
     path = Path(path)
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (path / name).is_file():
-            raise ValueError(f"{path}: no {name}; expected a model directory with {CONFIG_FILE} and {WEIGHTS_FILE}")
-    model = ChineseCLIP(load_config(path / CONFIG_FILE).model)
-    weights = read_weights(path / WEIGHTS_FILE)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    if path.is_file():
+        return _load_cn_clip(path, model_name)
+    if (path / CONFIG_FILE).is_file():
+        cfg = load_config(path / CONFIG_FILE).model
+        return _load_checked(cfg, read_weights(_require(path, WEIGHTS_FILE)), path / WEIGHTS_FILE)
+    if (path / HF_CONFIG_FILE).is_file():
+        return _load_hf(path)
+    raise ValueError(f"{path}: no {CONFIG_FILE} (a model directory of ours) or {HF_CONFIG_FILE} (an HF ChineseCLIPModel); "
+                     "expected one of them, or a Chinese-CLIP .pt file")
+
+
+def _require(directory: Path, name: str) -> Path:
+    if not (directory / name).is_file():
+        raise ValueError(f"{directory}: no {name}; expected a model directory with {CONFIG_FILE} and {WEIGHTS_FILE}")
+    return directory / name
+
+
+def _torch_load(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
+                         f"{str(e).splitlines()[0]}") from None
+
+
+def _load_cn_clip(path: Path, model_name: str | None) -> ChineseCLIP:
+    checkpoint = _torch_load(path)
+    weights = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(weights, dict):
+        raise ValueError(f"{path}: expected a Chinese-CLIP checkpoint, a dict with a state_dict; got {type(checkpoint).__name__}")
+    weights = {name.removeprefix("module."): value for name, value in weights.items()}
+    missing = [name for name in convert.CN_CLIP_REQUIRED if name not in weights]
+    if missing:
+        hint = " (a ResNet vision tower? only ViTs are supported)" if "visual.attnpool.c_proj.weight" in weights else ""
+        raise ValueError(f"{path}: not a Chinese-CLIP ViT checkpoint{hint}: no {', '.join(missing)}")
+    info = checkpoint.get("model_info")  # written by export_cn_clip: the exact head counts
+    heads = (info["vision_width"] // info["vision_head_width"], info["text_num_attention_heads"]) if info else None
+    cfg = convert.cn_clip_model_config(weights, convert.cn_clip_named_heads(model_name) if model_name else heads)
+    model = ChineseCLIP(cfg)
+    return _load_checked(cfg, convert.from_cn_clip(weights, model.visual), path, model)
+
+
+def _load_hf(path: Path) -> ChineseCLIP:
+    try:
+        config = json.loads((path / HF_CONFIG_FILE).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path / HF_CONFIG_FILE}: not valid JSON: {e}") from None
+    if "vision_config" not in config or "text_config" not in config:
+        raise ValueError(f"{path / HF_CONFIG_FILE}: not a ChineseCLIPModel config (no vision_config and text_config)")
+    files = [path / name for name in HF_WEIGHTS_FILES if (path / name).is_file()]
+    if not files:
+        raise ValueError(f"{path}: no weights; expected {' or '.join(HF_WEIGHTS_FILES)} beside {HF_CONFIG_FILE}")
+    weights = read_weights(files[0]) if files[0].suffix == ".safetensors" else _torch_load(files[0])
+    return _load_checked(convert.hf_model_config(config), convert.from_hf(weights), files[0])
+
+
+def _load_checked(cfg: ModelConfig, weights: dict[str, torch.Tensor], source: Path,
+                  model: ChineseCLIP | None = None) -> ChineseCLIP:
+    """`weights` (our names) into a model of `cfg`, refusing any missing, unexpected or misshapen tensor."""
+    model = model or ChineseCLIP(cfg)
     expected = model.state_dict()
+    weights.setdefault("logit_bias", expected["logit_bias"])  # only SigLIP has one; other formats do not store it
     missing, unexpected = expected.keys() - weights.keys(), weights.keys() - expected.keys()
     if missing or unexpected:
-        raise ValueError(f"{path / WEIGHTS_FILE} does not match {path / CONFIG_FILE}: missing {sorted(missing)[:5]}, "
+        raise ValueError(f"{source} does not match its config: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
-    for name, value in weights.items():
-        if value.shape != expected[name].shape:
-            raise ValueError(f"{path / WEIGHTS_FILE}: {name} has shape {tuple(value.shape)}, "
-                             f"the config gives {tuple(expected[name].shape)}")
-    model.load_state_dict(weights)
+    for name, tensor in expected.items():  # in the model's order: a wrong width shows at its embedding first
+        if (value := weights[name]).shape != tensor.shape:
+            raise ValueError(f"{source}: {name} has shape {tuple(value.shape)}, "
+                             f"the config gives {tuple(tensor.shape)}")
+    model.load_state_dict({name: value.float() for name, value in weights.items()})
     return model
 
 
@@ -67,11 +136,74 @@ def consolidate(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     return {name: value.float() for name, value in weights.items()}
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """A training checkpoint -> a model directory that `load_pretrained` reads."""
-    checkpoint = Path(checkpoint)
-    run_dir = checkpoint.parent.parent
-    cfg = load_config(run_dir / CONFIG_FILE)
-    tokenizer = load_tokenizer(cfg.data.vocab, cfg.data.context_length)
-    save_pretrained(consolidate(checkpoint), cfg, Path(out_dir), tokenizer)
-    return Path(out_dir)
+EXPORT_FORMATS = ("ours", "hf", "cn_clip")
+
+
+def export(source: str | Path, out: str | Path, fmt: str = "ours", model_name: str | None = None) -> Path:
+    """A training checkpoint (ZeRO shards included) or anything `load_pretrained` reads, written as
+    `fmt`: a model directory of ours, an HF ChineseCLIPModel directory, or a Chinese-CLIP `.pt` file."""
+    source, out = Path(source), Path(out)
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}: expected one of {', '.join(EXPORT_FORMATS)}")
+    if (source / STATE_FILE).is_file():  # runs/<name>/checkpoints/step_N
+        cfg = load_config(source.parent.parent / CONFIG_FILE)
+        model = _load_checked(cfg.model, consolidate(source), source)
+    else:
+        model = load_pretrained(source, model_name)
+        cfg = load_config(source / CONFIG_FILE) if (source / CONFIG_FILE).is_file() else Config(model=model.cfg)
+    tokenizer = load_tokenizer(cfg.data.vocab or pretrained_vocab(source), cfg.data.context_length)
+    if fmt == "hf":
+        return export_hf(model, out, tokenizer, cfg.data.mean, cfg.data.std)
+    if fmt == "cn_clip":
+        return export_cn_clip(model, out)
+    save_pretrained(model.state_dict(), cfg, out, tokenizer)
+    return out
+
+
+def pretrained_vocab(path: str | Path) -> Path | None:
+    """The vocab.txt that came with a checkpoint (in its directory), or None for the default."""
+    path = Path(path)
+    directory = path if path.is_dir() else path.parent
+    return directory / "vocab.txt" if (directory / "vocab.txt").is_file() else None
+
+
+def export_hf(model: ChineseCLIP, out_dir: str | Path, tokenizer: ChineseTokenizer | None = None,
+              mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD) -> Path:
+    """A directory that `transformers.ChineseCLIPModel.from_pretrained` and `ChineseCLIPProcessor.from_pretrained`
+    load: config.json, model.safetensors, the tokenizer and the image preprocessor (a bicubic resize of
+    the whole image to the square input, no centre crop, as Chinese-CLIP preprocesses)."""
+    from PIL import Image
+    from safetensors.torch import save_file
+    from transformers import ChineseCLIPConfig, ChineseCLIPImageProcessor, ChineseCLIPProcessor
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = ChineseCLIPConfig(**convert.hf_config(model.cfg))
+    config.architectures = ["ChineseCLIPModel"]
+    config.save_pretrained(out_dir)
+    weights = {name: value.detach().float().cpu() for name, value in model.state_dict().items()}
+    save_file(convert.to_hf(weights), out_dir / "model.safetensors", metadata={"format": "pt"})
+    size = model.cfg.vision.image_size
+    image_processor = ChineseCLIPImageProcessor(
+        size={"height": size, "width": size}, do_center_crop=False, crop_size={"height": size, "width": size},
+        resample=Image.BICUBIC, image_mean=list(mean), image_std=list(std))
+    tokenizer = tokenizer or load_tokenizer()
+    ChineseCLIPProcessor(image_processor=image_processor, tokenizer=tokenizer.bert).save_pretrained(out_dir)
+    return out_dir
+
+
+def export_cn_clip(model: ChineseCLIP, out_path: str | Path) -> Path:
+    """A `.pt` laid out as Chinese-CLIP's training saves it (`module.` names, as from its DDP model),
+    which `cn_clip.clip.utils.create_model` and its training `--resume` load. cn_clip takes the
+    architecture from a model config JSON; `model_info` in the file is that config for this model
+    (`cn_clip.clip.model.CLIP(**checkpoint["model_info"])`), which matters when its heads are not
+    64 wide, as cn_clip's configs assume."""
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    weights = convert.to_cn_clip({name: value.detach().float().cpu() for name, value in model.state_dict().items()})
+    checkpoint = {"epoch": 0, "step": 0, "name": out_path.stem, "model_info": convert.cn_clip_model_info(model.cfg),
+                  "state_dict": {f"module.{name}": value for name, value in weights.items()}}
+    partial = out_path.with_name(out_path.name + ".partial")
+    torch.save(checkpoint, partial)
+    partial.replace(out_path)
+    return out_path

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from chinese_clip.checkpoints import consolidate, load_pretrained
+from chinese_clip.checkpoints import consolidate, export, load_pretrained
 from chinese_clip.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,6 +182,11 @@ def test_export_of_a_checkpoint_loads_with_the_final_weights(single_process_stag
     for name, value in model.state_dict().items():
         assert torch.equal(value, final[name]), name
     assert (tmp_path / "export" / "vocab.txt").is_file()
+    result = subprocess.run([sys.executable, str(ROOT / "recipes" / "export.py"), str(tmp_path / "export"), "--out",
+                             str(tmp_path / "clip_cn.pt"), "--format", "cn_clip"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    for name, value in load_pretrained(tmp_path / "clip_cn.pt").state_dict().items():
+        assert torch.equal(value, final[name]), name
 
 
 @pytest.mark.parametrize("change, message", [
@@ -205,13 +210,13 @@ def test_a_typo_in_a_later_stage_stops_the_run_before_it_trains(tmp_path):
 
 def test_load_pretrained_names_what_is_wrong(single_process_staged, tmp_path):
     run_dir, _ = single_process_staged
-    with pytest.raises(ValueError, match="no config.yaml; expected a model directory"):
+    with pytest.raises(ValueError, match=r"no config.yaml \(a model directory of ours\) or config.json"):
         load_pretrained(tmp_path)
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.yaml").write_text((run_dir / "model" / "config.yaml").read_text().replace("embed_dim: 128", "embed_dim: 64"))
     (broken / "model.safetensors").write_bytes((run_dir / "model" / "model.safetensors").read_bytes())
-    with pytest.raises(ValueError, match=r"text_projection.weight has shape \(128, 128\), the config gives \(64, 128\)"):
+    with pytest.raises(ValueError, match=r"visual_projection.weight has shape \(128, 128\), the config gives \(64, 128\)"):
         load_pretrained(broken)
 
 
@@ -223,10 +228,16 @@ def test_zero_staged_runs_train_the_right_set_and_resume_exactly(tmp_path, zero)
     check_stages(uninterrupted, processes=2, sharded=True)
     kill_twice_then_finish(command(resumed, LAUNCHERS[zero], batch=8), resumed)
     check_resumed_run_matches(resumed, uninterrupted)
-    # the shards of the last checkpoint consolidate to the weights the run saved
+    # the shards of the last checkpoint consolidate to the weights the run saved, and every export
+    # format loads back to them
     final = load_file(uninterrupted / "model" / "model.safetensors")
     for name, value in consolidate(uninterrupted / "checkpoints" / "step_16").items():
         assert torch.equal(value, final[name]), name
+    for fmt, out in [("ours", tmp_path / "ours"), ("hf", tmp_path / "hf"), ("cn_clip", tmp_path / "model.pt")]:
+        exported = load_pretrained(export(uninterrupted / "checkpoints" / "step_16", out, fmt))
+        assert exported.cfg.vision.heads == 4 and exported.cfg.text.heads == 2, fmt
+        for name, value in exported.state_dict().items():
+            assert torch.equal(value, final[name]), (fmt, name)
 
 
 @pytest.mark.slow
