@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from accelerate.utils.constants import MODEL_NAME, SAFE_WEIGHTS_NAME
+from timm.models.vision_transformer import checkpoint_filter_fn
 
 from chinese_clip import convert
 from chinese_clip.config import CLIP_MEAN, CLIP_STD, Config, ModelConfig, load_config, save_config
@@ -207,3 +208,63 @@ def export_cn_clip(model: ChineseCLIP, out_path: str | Path) -> Path:
     torch.save(checkpoint, partial)
     partial.replace(out_path)
     return out_path
+
+
+def init_vision_tower(model: ChineseCLIP, path: str | Path) -> list[str]:
+    """Pretraining's starting point for the image tower: an OpenAI / open_clip CLIP state dict (its
+    `visual.proj` becomes our projection) or a timm ViT checkpoint, in .pt, .bin or .safetensors.
+    timm maps the layouts and resamples the position embedding to our image size. Returns the
+    names in the file that were not used."""
+    path = Path(path)
+    weights = _read_tensors(path)
+    is_clip = any(name.endswith(("visual.proj", "visual.head.proj.weight")) for name in weights)
+    vision = checkpoint_filter_fn(weights, model.visual)
+    head = vision.pop("head.weight", None)
+    vision.pop("head.bias", None)
+    _check_into(model.visual.state_dict(), vision, path, "visual.")
+    model.visual.load_state_dict({name: value for name, value in vision.items() if name in model.visual.state_dict()})
+    unused = sorted(name for name in vision if name not in model.visual.state_dict())
+    if head is not None and is_clip:
+        _check_into({"weight": model.visual_projection.weight}, {"weight": head}, path, "visual_projection.")
+        model.visual_projection.weight.data.copy_(head)
+    elif head is not None:
+        unused.append("head.weight (an image classifier, not a CLIP projection)")
+    return unused
+
+
+def init_text_tower(model: ChineseCLIP, path: str | Path) -> list[str]:
+    """Pretraining's starting point for the text tower: an HF BERT directory (chinese-roberta-wwm-ext,
+    RBT3; BertModel or BertForMaskedLM weights). Returns the names in it that were not used (the
+    masked-LM head, the pooler)."""
+    from transformers import BertModel
+
+    path = Path(path)
+    if not (path / HF_CONFIG_FILE).is_file():
+        raise ValueError(f"{path}: no {HF_CONFIG_FILE}; expected an HF BERT directory (config.json and weights)")
+    bert, info = BertModel.from_pretrained(str(path), add_pooling_layer=False, output_loading_info=True)
+    _check_into(model.text.state_dict(), bert.state_dict(), path, "text.")
+    model.text.load_state_dict(bert.state_dict())
+    return sorted(info["unexpected_keys"])
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        return read_weights(path)
+    if zipfile.is_zipfile(path) and any(name.endswith("constants.pkl") for name in zipfile.ZipFile(path).namelist()):
+        return torch.jit.load(str(path), map_location="cpu").state_dict()  # OpenAI's released CLIP files are TorchScript
+    checkpoint = _torch_load(path)
+    return checkpoint.get("state_dict", checkpoint.get("model", checkpoint))
+
+
+def _check_into(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], source: Path, prefix: str) -> None:
+    """Refuse a tower whose weights leave part of it unset or disagree with its shapes."""
+    missing = sorted(expected.keys() - given.keys())
+    if missing:
+        raise ValueError(f"{source}: no weights for {prefix}{missing[0]}"
+                         f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}; is it the layout this tower expects?")
+    for name, tensor in expected.items():
+        if given[name].shape != tensor.shape:
+            raise ValueError(f"{source}: {prefix}{name} has shape {tuple(given[name].shape)}, "
+                             f"the model's is {tuple(tensor.shape)}")

@@ -1,5 +1,7 @@
 """Released-checkpoint formats in and out, each against the other implementation's own model:
 cn_clip's `CLIP` for Chinese-CLIP `.pt` files, transformers' `ChineseCLIPModel` for HF directories."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +11,7 @@ from PIL import Image
 from transformers import ChineseCLIPConfig, ChineseCLIPModel, ChineseCLIPProcessor
 
 from chinese_clip import convert
-from chinese_clip.checkpoints import export_cn_clip, export_hf, load_pretrained
+from chinese_clip.checkpoints import export_cn_clip, export_hf, init_text_tower, init_vision_tower, load_pretrained
 from chinese_clip.config import CLIP_STD, ModelConfig, TextConfig, VisionConfig
 from chinese_clip.model import ChineseCLIP
 from chinese_clip.tokenizer import load_tokenizer
@@ -193,3 +195,57 @@ def test_a_bert_wider_than_its_config_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"model.safetensors: text.embeddings.word_embeddings.weight has shape "
                                          r"\(21128, 64\), the config gives \(21128, 32\)"):
         load_pretrained(tmp_path)
+
+
+def test_the_vision_tower_starts_from_an_open_clip_state_dict_with_open_clips_features(tmp_path):
+    from open_clip.model import CLIP as OpenCLIP, CLIPTextCfg, CLIPVisionCfg
+
+    reference = perturbed(OpenCLIP(16, CLIPVisionCfg(layers=2, width=128, head_width=32, patch_size=8, image_size=32),
+                                   CLIPTextCfg(context_length=8, vocab_size=100, width=64, heads=1, layers=1),
+                                   quick_gelu=True))
+    torch.save({"state_dict": reference.state_dict()}, tmp_path / "open_clip.pt")
+    torch.manual_seed(0)
+    ours = ChineseCLIP(OURS).eval()
+    text_before = {n: v.clone() for n, v in ours.text.state_dict().items()}
+    assert init_vision_tower(ours, tmp_path / "open_clip.pt") == []
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.encode_image(pixels), F.normalize(reference.encode_image(pixels), dim=-1),
+                                   atol=1e-5, rtol=0)
+    assert all(torch.equal(v, text_before[n]) for n, v in ours.text.state_dict().items())
+
+
+def test_the_vision_tower_starts_from_a_timm_checkpoint_and_names_what_it_left(tmp_path):
+    torch.manual_seed(1)
+    source = ChineseCLIP(OURS).visual.state_dict()
+    from safetensors.torch import save_file
+    save_file({**source, "head.weight": torch.zeros(10, 128), "head.bias": torch.zeros(10)}, tmp_path / "vit.safetensors")
+    ours = ChineseCLIP(OURS)
+    projection = ours.visual_projection.weight.clone()
+    assert init_vision_tower(ours, tmp_path / "vit.safetensors") == ["head.weight (an image classifier, not a CLIP projection)"]
+    assert all(torch.equal(v, source[n]) for n, v in ours.visual.state_dict().items())
+    assert torch.equal(ours.visual_projection.weight, projection)
+    narrow = ChineseCLIP(dataclasses.replace(OURS, vision=dataclasses.replace(OURS.vision, width=64, heads=2)))
+    with pytest.raises(ValueError, match=r"vit.safetensors: visual.cls_token has shape \(1, 1, 128\), the model's is \(1, 1, 64\)"):
+        init_vision_tower(narrow, tmp_path / "vit.safetensors")
+
+
+def test_the_text_tower_starts_from_an_hf_bert_directory(tmp_path):
+    from transformers import BertConfig, BertForMaskedLM
+
+    t = OURS.text
+    mlm = perturbed(BertForMaskedLM(BertConfig(vocab_size=t.vocab_size, hidden_size=t.hidden_size, num_hidden_layers=t.layers,
+                                               num_attention_heads=t.heads, intermediate_size=t.intermediate_size,
+                                               max_position_embeddings=t.max_position_embeddings)))
+    mlm.save_pretrained(tmp_path / "bert")
+    ours = ChineseCLIP(OURS)
+    unused = init_text_tower(ours, tmp_path / "bert")
+    assert unused and all(name.startswith("cls.") for name in unused), unused
+    source = mlm.bert.state_dict()
+    assert all(torch.equal(v, source[n]) for n, v in ours.text.state_dict().items())
+    wider = ChineseCLIP(dataclasses.replace(OURS, text=dataclasses.replace(t, hidden_size=256, intermediate_size=512)))
+    with pytest.raises(ValueError, match=r"bert: text.embeddings.word_embeddings.weight has shape \(21128, 128\), "
+                                         r"the model's is \(21128, 256\)"):
+        init_text_tower(wider, tmp_path / "bert")
+    with pytest.raises(ValueError, match="no config.json; expected an HF BERT directory"):
+        init_text_tower(ours, tmp_path)
