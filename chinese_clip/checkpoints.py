@@ -8,17 +8,19 @@ formats live in `chinese_clip.convert`.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import zipfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate.utils.constants import MODEL_NAME, SAFE_WEIGHTS_NAME
 from timm.models.vision_transformer import checkpoint_filter_fn
 
 from chinese_clip import convert
-from chinese_clip.config import CLIP_MEAN, CLIP_STD, Config, ModelConfig, load_config, save_config
+from chinese_clip.config import CLIP_MEAN, CLIP_STD, Config, ConfigError, ModelConfig, load_config, save_config
 from chinese_clip.model import ChineseCLIP
 from chinese_clip.resume import STATE_FILE, read_trainer_state, read_weights, write_weights
 from chinese_clip.tokenizer import ChineseTokenizer, load_tokenizer
@@ -268,3 +270,47 @@ def _check_into(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor
         if given[name].shape != tensor.shape:
             raise ValueError(f"{source}: {prefix}{name} has shape {tuple(given[name].shape)}, "
                              f"the model's is {tuple(tensor.shape)}")
+
+
+def pretrained_architecture(loaded: ModelConfig, configured: ModelConfig) -> ModelConfig:
+    """A loaded model's architecture with the run's training-only settings (masking, stochastic depth,
+    dropout, activation checkpointing, the logit initialisation of a parameter the file lacks)."""
+    return dataclasses.replace(
+        loaded,
+        vision=dataclasses.replace(loaded.vision, patch_drop_rate=configured.vision.patch_drop_rate,
+                                   drop_path_rate=configured.vision.drop_path_rate),
+        text=dataclasses.replace(loaded.text, dropout=configured.text.dropout),
+        grad_checkpointing=configured.grad_checkpointing,
+        init_logit_scale=configured.init_logit_scale, init_logit_bias=configured.init_logit_bias)
+
+
+def prepare_init(cfg: Config, log: Callable[[str], None] = print) -> Callable[[ChineseCLIP], None] | None:
+    """`cfg.init` as a function that a fresh run applies to its newly built model (None: keep the
+    random init). With init.pretrained the file is read now: `cfg.model` becomes its architecture,
+    so that the model is built to fit it and the saved config says what ran."""
+    init = cfg.init
+    if init.pretrained:
+        try:
+            pretrained = load_pretrained(init.pretrained, init.model_name)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"init.pretrained: {e}") from None
+        cfg.model = pretrained_architecture(pretrained.cfg, cfg.model)
+        pending = [pretrained.state_dict()]  # handed over once, then dropped: no second copy for the whole run
+
+        def load_whole(model: ChineseCLIP) -> None:
+            weights = pending.pop()
+            model.load_state_dict(weights)
+            log(f"init: all {sum(v.numel() for v in weights.values()):,} parameters from {init.pretrained}")
+        return load_whole
+    if not (init.vision or init.text):
+        return None
+
+    def start_towers(model: ChineseCLIP) -> None:
+        for key, source, start in (("init.vision", init.vision, init_vision_tower), ("init.text", init.text, init_text_tower)):
+            if source:
+                try:
+                    unused = start(model, source)
+                except (FileNotFoundError, ValueError) as e:
+                    raise ConfigError(f"{key}: {e}") from None
+                log(f"{key}: {source}" + (f" (not used: {', '.join(unused)})" if unused else ""))
+    return start_towers

@@ -102,6 +102,9 @@ class OptimConfig:
     schedule: Literal["cosine", "linear", "constant"] = "cosine"  # after the warmup
     min_lr_ratio: float = 0.0  # cosine and linear decay to lr x this
     grad_clip: float = 1.0  # max global grad norm; 0 disables
+    # Fine-tuning: weight decay pulls towards the weights each optimizer starts from (the pretrained
+    # ones, for a stage that starts from them) instead of towards zero.
+    decay_to_start: bool = False
 
 
 @dataclass
@@ -126,6 +129,7 @@ class StageConfig:
     schedule: Optional[Literal["cosine", "linear", "constant"]] = None
     min_lr_ratio: Optional[float] = None
     weight_decay: Optional[float] = None
+    layer_decay: Optional[float] = None  # fine-tuning: block i of L trains at lr x layer_decay^(L - i); None: off
 
 
 @dataclass
@@ -154,6 +158,16 @@ class CheckpointConfig:
 
 
 @dataclass
+class InitConfig:
+    """Where training starts; unset: random weights from train.seed. Applied only to a fresh run (a
+    resumed one continues from its checkpoint)."""
+    pretrained: Optional[str] = None  # a whole model (Chinese-CLIP .pt, HF ChineseCLIPModel dir, ours): its architecture replaces model.*
+    model_name: Optional[str] = None  # the Chinese-CLIP architecture of a .pt ("ViT-B-16"), for its head counts
+    vision: Optional[str] = None  # the image tower: OpenAI / open_clip CLIP weights or a timm ViT checkpoint
+    text: Optional[str] = None  # the text tower: an HF BERT directory (chinese-roberta-wwm-ext, RBT3)
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     output_dir: Optional[str] = None  # None: runs/<name>
@@ -169,6 +183,7 @@ class Config:
     stages: list[StageConfig] = field(default_factory=list)  # empty: one stage of train.steps
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    init: InitConfig = field(default_factory=InitConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -217,6 +232,9 @@ def _check(cfg: Config) -> Config:
         raise ConfigError(f"model.vision.patch_drop_rate must be in [0, 1), got {cfg.model.vision.patch_drop_rate}")
     if cfg.checkpoint.every_steps < 0 or cfg.checkpoint.keep_last < 1:
         raise ConfigError("checkpoint.every_steps must be >= 0 and checkpoint.keep_last >= 1")
+    if cfg.init.pretrained and (cfg.init.vision or cfg.init.text):
+        raise ConfigError("init.pretrained gives the whole model; init.vision and init.text start single towers: "
+                          "use one or the other")
     if cfg.stages and cfg.train.steps is not None:
         raise ConfigError("train.steps and stages both set the run's length; give each stage its steps or samples")
     names = [stage.name for stage in cfg.stages]
@@ -234,6 +252,8 @@ def _check_stage(stage: StageConfig, where: str) -> None:
         raise ConfigError(f"{where}: its length must be at least 1")
     if stage.mask_ratio is not None and not 0 <= stage.mask_ratio < 1:
         raise ConfigError(f"{where}: mask_ratio must be in [0, 1), got {stage.mask_ratio}")
+    if stage.layer_decay is not None and not 0 < stage.layer_decay <= 1:
+        raise ConfigError(f"{where}: layer_decay must be in (0, 1], got {stage.layer_decay}")
     if stage.batch_size is not None and stage.batch_size < 1:
         raise ConfigError(f"{where}: batch_size must be at least 1, got {stage.batch_size}")
     for rule in stage.params:

@@ -47,8 +47,44 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr_scales: dict[str, flo
     if cpu_offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, adamw_mode=True)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+        optimizer = DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, adamw_mode=True)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    if cfg.decay_to_start:
+        decay_towards_start(optimizer)
+    return optimizer
+
+
+def decay_towards_start(optimizer: torch.optim.Optimizer) -> None:
+    """Decoupled weight decay towards each parameter's value at the optimizer's first step instead
+    of towards zero (fine-tuning's L2-SP, the tip in the SigLIP paper): AdamW shrinks p by
+    lr x wd x p, and adding lr x wd x start afterwards makes that lr x wd x (p - start).
+
+    Step hooks, not a subclass: DeepSpeed ZeRO accepts only optimizer types it knows and steps them
+    on the fp32 partitions it owns, which is where the start is taken from. It lives in the
+    optimizer state, so checkpoints and resumes carry it."""
+    first_values: dict[torch.Tensor, torch.Tensor] = {}
+
+    def decayed(opt):
+        for group in opt.param_groups:
+            if group["weight_decay"]:
+                yield from ((group, p) for p in group["params"] if p.grad is not None)
+
+    def remember_start(opt, args, kwargs):
+        for _, p in decayed(opt):
+            if "start" not in opt.state[p]:
+                first_values[p] = p.detach().clone()
+
+    def pull_towards_start(opt, args, kwargs):
+        with torch.no_grad():
+            for group, p in decayed(opt):
+                state = opt.state[p]
+                if p in first_values:
+                    state["start"] = first_values.pop(p)
+                p.add_(state["start"], alpha=group["lr"] * group["weight_decay"])
+
+    optimizer.register_step_pre_hook(remember_start)
+    optimizer.register_step_post_hook(pull_towards_start)
 
 
 def lr_at(step: int, total_steps: int, cfg: Schedule) -> float:

@@ -85,6 +85,36 @@ def resolve_lr_scales(names: list[str], rules: list[ParamRule], stage_name: str)
     return scales
 
 
+# Per tower: a block's index in its name, and the names of what comes before the first block.
+_TOWER_LAYERS = [(re.compile(r"visual\.blocks\.(\d+)\."), ("visual.cls_token", "visual.pos_embed", "visual.patch_embed.",
+                                                           "visual.norm_pre.")),
+                 (re.compile(r"text\.encoder\.layer\.(\d+)\."), ("text.embeddings.",))]
+
+
+def layer_decay_factors(names: list[str], decay: float) -> dict[str, float]:
+    """Layer-wise lr decay (as BEiT fine-tunes ViTs): in a tower of L blocks, block i trains at
+    lr x decay^(L - i) and the embeddings at decay^(L + 1), so the layers nearest the input, which
+    hold the most general features, move least. The final norms, projections and logit scale keep x 1."""
+    factors = dict.fromkeys(names, 1.0)
+    for block, embeddings in _TOWER_LAYERS:
+        depth = 1 + max((int(m.group(1)) for name in names if (m := block.match(name))), default=-1)
+        for name in names:
+            if m := block.match(name):
+                factors[name] = decay ** (depth - int(m.group(1)))
+            elif name.startswith(embeddings):
+                factors[name] = decay ** (depth + 1)
+    return factors
+
+
+def stage_lr_scales(names: list[str], stage: StageConfig, loss_name: str, stage_name: str) -> dict[str, float]:
+    """name -> lr multiplier in a stage: its rules (0 freezes), times its layer-wise decay if it has one."""
+    scales = resolve_lr_scales(names, stage_rules(stage, loss_name), stage_name)
+    if stage.layer_decay is None:
+        return scales
+    factors = layer_decay_factors(names, stage.layer_decay)
+    return {name: scale * factors[name] for name, scale in scales.items()}
+
+
 def freeze(model: nn.Module, scales: dict[str, float]) -> dict[str, float]:
     """Set requires_grad from the multipliers; returns the trainable parameters' multipliers."""
     for name, p in model.named_parameters():

@@ -25,7 +25,7 @@ from chinese_clip.optim import build_optimizer, lr_at, set_lr, set_weight_decay
 from chinese_clip.resume import (find_resume_checkpoint, read_trainer_state, read_weights, remove_partial_checkpoints,
                                  save_checkpoint, stage_weights_path, write_weights)
 from chinese_clip.runtime import offloads_optimizer, set_deepspeed_batch
-from chinese_clip.stages import Stage, freeze, plan_stages, resolve_lr_scales, stage_rules, summary, tower_counts
+from chinese_clip.stages import Stage, freeze, plan_stages, stage_lr_scales, summary, tower_counts
 
 Evaluate = Callable[[nn.Module], dict[str, dict]]
 MakeLoader = Callable[[int, int], Iterable]  # (per-process batch size, first sample) -> batches
@@ -38,15 +38,18 @@ class Trainer:
     cache (gradient_cache.py) over several, with gradients reduced across ranks once.
     At a stage boundary that changes what trains, the DeepSpeed engine (or DDP wrapper) and the
     optimizer are built anew from the full fp32 weights: ZeRO fixes the trainable set when the
-    engine is created. `build_model()` returns a fresh model; `make_loader(batch, start)` an endless
+    engine is created. `build_model()` returns a fresh model, which a fresh run passes to
+    `init_weights` (pretrained weights) before it trains; `make_loader(batch, start)` an endless
     loader; `evaluate(model)` returns {set name: {metric: value}}. It runs on every rank together
     (under ZeRO-3 a forward pass is collective) with the unwrapped model.
     """
 
     def __init__(self, cfg: Config, accelerator: Accelerator, build_model: Callable[[], ChineseCLIP],
-                 make_loader: MakeLoader, evaluate: Evaluate, run_dir: Path):
+                 make_loader: MakeLoader, evaluate: Evaluate, run_dir: Path,
+                 init_weights: Callable[[ChineseCLIP], None] | None = None):
         self.cfg, self.accelerator, self.run_dir = cfg, accelerator, run_dir
         self.build_model, self.make_loader, self.evaluate_fn = build_model, make_loader, evaluate
+        self.init_weights = init_weights
         self.objective = ContrastiveObjective(cfg.loss)
         self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
         self.plan = plan_stages(cfg.stages, accelerator.num_processes, cfg.train.accum_freq)
@@ -57,7 +60,7 @@ class Trainer:
         with torch.device("meta"):  # names only: a typo in the last stage's rules must not wait for that stage
             names = [name for name, _ in self.new_model().named_parameters()]
         for stage in self.plan:
-            resolve_lr_scales(names, stage_rules(stage.cfg, cfg.loss.name), stage.name)
+            stage_lr_scales(names, stage.cfg, cfg.loss.name, stage.name)
         self.resume_from = find_resume_checkpoint(run_dir, cfg.checkpoint.resume)
         if self.resume_from is not None:
             self.check_resumable(read_trainer_state(self.resume_from))
@@ -138,7 +141,10 @@ class Trainer:
             acc.print(f"resumed from {self.resume_from} at step {self.step} (stage {stage.name!r})")
             results = self.earlier_evaluations()
         else:
-            initial = self.new_model().state_dict()
+            model = self.new_model()
+            if self.init_weights is not None:
+                self.init_weights(model)
+            initial = model.state_dict()
             self.write_stage_weights(self.plan[0], initial)
             self.enter_stage(self.plan[0], initial)
             if cfg.eval.at_start:
@@ -204,7 +210,7 @@ class Trainer:
         """Make `stage` current: a new engine when what trains changes, then its mask ratio, weight
         decay and data. `weights` (full, fp32) are loaded only into a new engine."""
         cfg, acc = self.cfg, self.accelerator
-        scales = resolve_lr_scales(list(weights), stage_rules(stage.cfg, cfg.loss.name), stage.name)
+        scales = stage_lr_scales(list(weights), stage.cfg, cfg.loss.name, stage.name)
         if {name: scale for name, scale in scales.items() if scale > 0} != self.lr_scales:
             self.build_engine(stage, weights, scales)
         self.unwrapped.set_mask_ratio(stage.cfg.mask_ratio)

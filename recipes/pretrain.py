@@ -8,19 +8,9 @@ laptop CPU) and prints its zero-shot scores before and after training.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from pathlib import Path
 
-from accelerate.utils import set_seed
-
-from chinese_clip.config import ConfigError, load_config
-from chinese_clip.data.loaders import build_train_loader
-from chinese_clip.evaluation.synthetic import synthetic_evaluator
-from chinese_clip.model import ChineseCLIP
-from chinese_clip.runtime import build_accelerator, configure_deepspeed, run_dir_of
-from chinese_clip.tokenizer import load_tokenizer
-from chinese_clip.trainer import Trainer
+from chinese_clip.launch import train
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tiny_synthetic.yaml"
 
@@ -34,49 +24,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-
-    # 1. Configuration and runtime: every user error surfaces here, before anything is built.
-    try:
-        cfg = load_config(args.config, args.overrides)
-        run_dir = run_dir_of(cfg.run)
-        accelerator = build_accelerator(cfg.train, run_dir)
-        configure_deepspeed(accelerator, cfg)
-    except ConfigError as e:
-        fail(e)
-    # Each process draws its own dropout and FLIP masks (the initial weights are seeded apart, the
-    # same on every rank): with one seed everywhere, sample i of every rank would get the same mask.
-    set_seed(cfg.train.seed, device_specific=True)
-
-    # 2. Tokenizer. The Trainer builds the model: once per engine, as stage boundaries rebuild it.
-    tokenizer = load_tokenizer(cfg.data.vocab, cfg.data.context_length)
-    image_size = cfg.model.vision.image_size
-
-    # 3. Data: this rank's share of every global batch, from any position in the stream, and the
-    #    held-out evaluation sets.
-    def make_loader(batch_size: int, start_sample: int):
-        return build_train_loader(cfg.data, tokenizer, image_size, rank=accelerator.process_index,
-                                  world_size=accelerator.num_processes, seed=cfg.train.seed,
-                                  batch_size=batch_size, start_sample=start_sample)
-
-    evaluate = synthetic_evaluator(cfg.data, image_size, tokenizer, accelerator.device, cfg.eval.batch_size)
-
-    # 4. Train stage by stage (resuming from the newest checkpoint if there is one), evaluate before
-    #    and after, save (the tokenizer beside the weights: model/ is self-contained).
-    accelerator.print(f"run directory: {run_dir}  processes: {accelerator.num_processes}")
-    try:
-        trainer = Trainer(cfg, accelerator, lambda: ChineseCLIP(cfg.model), make_loader, evaluate, run_dir)
-        results = trainer.fit()
-    except ConfigError as e:
-        fail(e)
-    if accelerator.is_main_process:
-        tokenizer.save(run_dir / "model")
-    return results
-
-
-def fail(error: ConfigError) -> None:
-    if os.environ.get("RANK", "0") == "0":  # every rank sees the same config: one saying so is enough
-        print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
+    return train(args.config, args.overrides)
 
 
 if __name__ == "__main__":

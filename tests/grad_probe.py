@@ -9,7 +9,6 @@ The global batch is always the first ACCUM_FREQ x MICRO_BATCH x W samples of the
 set, rank r's micro-batch m holding rows [(m W + r) b, (m W + r + 1) b): one process with one big
 batch and W processes with accumulation see the same samples. Rank 0 saves {name: full gradient}.
 """
-import contextlib
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from chinese_clip.data.loaders import build_collator
 from chinese_clip.data.synthetic import SyntheticShapes
 from chinese_clip.model import ChineseCLIP
 from chinese_clip.runtime import build_accelerator, configure_deepspeed
-from chinese_clip.stages import resolve_lr_scales, stage_rules
+from chinese_clip.stages import stage_lr_scales
 from chinese_clip.tokenizer import load_tokenizer
 from chinese_clip.trainer import Trainer
 
@@ -76,7 +75,7 @@ def main(out: str, run_dir: str, accum_freq: str, micro_batch: str, *overrides: 
     trainer = Trainer(cfg, accelerator, lambda: ChineseCLIP(cfg.model).double(), None, None, Path(run_dir))
     stage = trainer.plan[0]
     weights = trainer.new_model().state_dict()
-    trainer.build_engine(stage, weights, resolve_lr_scales(list(weights), stage_rules(stage.cfg, cfg.loss.name), stage.name))
+    trainer.build_engine(stage, weights, stage_lr_scales(list(weights), stage.cfg, cfg.loss.name, stage.name))
     world, rank = accelerator.num_processes, accelerator.process_index
     dataset = SyntheticShapes("train", accum * b * world, cfg.model.vision.image_size)
     collate = build_collator(cfg.data, load_tokenizer(None, cfg.data.context_length))

@@ -197,13 +197,19 @@ def test_a_bert_wider_than_its_config_is_named(tmp_path):
         load_pretrained(tmp_path)
 
 
-def test_the_vision_tower_starts_from_an_open_clip_state_dict_with_open_clips_features(tmp_path):
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("torchscript", [False, True], ids=["state dict", "TorchScript as OpenAI releases"])
+def test_the_vision_tower_starts_from_an_open_clip_state_dict_with_open_clips_features(tmp_path, torchscript):
     from open_clip.model import CLIP as OpenCLIP, CLIPTextCfg, CLIPVisionCfg
 
     reference = perturbed(OpenCLIP(16, CLIPVisionCfg(layers=2, width=128, head_width=32, patch_size=8, image_size=32),
                                    CLIPTextCfg(context_length=8, vocab_size=100, width=64, heads=1, layers=1),
                                    quick_gelu=True))
-    torch.save({"state_dict": reference.state_dict()}, tmp_path / "open_clip.pt")
+    if torchscript:
+        example = (torch.randn(1, 3, 32, 32), torch.randint(0, 100, (1, 8)))
+        torch.jit.save(torch.jit.trace(reference, example, strict=False, check_trace=False), tmp_path / "open_clip.pt")
+    else:
+        torch.save({"state_dict": reference.state_dict()}, tmp_path / "open_clip.pt")
     torch.manual_seed(0)
     ours = ChineseCLIP(OURS).eval()
     text_before = {n: v.clone() for n, v in ours.text.state_dict().items()}

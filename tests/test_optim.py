@@ -1,10 +1,11 @@
 import math
 
 import pytest
+import torch
 
 from chinese_clip.config import OptimConfig
 from chinese_clip.model import ChineseCLIP
-from chinese_clip.optim import build_optimizer, lr_at, set_lr, set_weight_decay
+from chinese_clip.optim import build_optimizer, decay_towards_start, lr_at, set_lr, set_weight_decay
 
 
 def test_no_decay_on_norms_biases_logit_params_and_vit_embeddings(tiny_model_cfg):
@@ -58,3 +59,38 @@ def test_groups_split_by_multiplier_and_weight_decay_follows_the_stage(tiny_mode
     assert (group["decays"], group["lr_scale"], group["weight_decay"]) == (True, 0.1, 0.2)
     set_weight_decay(opt, 0.05)
     assert {g["weight_decay"] for g in opt.param_groups} == {0.05, 0.0}
+
+
+def test_decay_to_start_pulls_towards_the_first_weights_and_survives_a_reload():
+    """AdamW with wd 0, then lr x wd x (p - start) by hand: the same trajectory, whatever the gradients."""
+    start = torch.tensor([2.0, -3.0, 0.5])
+    p = torch.nn.Parameter(start.clone())
+    optimizer = torch.optim.AdamW([{"params": [p], "weight_decay": 0.5}], lr=0.1)
+    decay_towards_start(optimizer)
+    reference = torch.nn.Parameter(start.clone())
+    plain = torch.optim.AdamW([{"params": [reference], "weight_decay": 0.0}], lr=0.1)
+    gradients = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
+    for step, g in enumerate(gradients):
+        if step == 4:  # a resumed run: a new optimizer loads the state, the start included
+            saved = optimizer.state_dict()
+            optimizer = torch.optim.AdamW([{"params": [p], "weight_decay": 0.5}], lr=0.1)
+            decay_towards_start(optimizer)
+            optimizer.load_state_dict(saved)
+        p.grad, reference.grad = g.clone(), g.clone()
+        before = reference.detach().clone()
+        optimizer.step()
+        plain.step()
+        with torch.no_grad():
+            reference.sub_(0.1 * 0.5 * (before - start))
+        torch.testing.assert_close(p, reference)
+    assert torch.equal(optimizer.state[p]["start"], start)
+    # without a gradient signal the weights stay at the start, where plain AdamW shrinks them
+    anchored, shrunk = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    optimizers = [torch.optim.AdamW([{"params": [q], "weight_decay": 0.5}], lr=0.1) for q in (anchored, shrunk)]
+    decay_towards_start(optimizers[0])
+    for _ in range(3):
+        anchored.grad, shrunk.grad = torch.zeros(3), torch.zeros(3)
+        for opt in optimizers:
+            opt.step()
+    torch.testing.assert_close(anchored.detach(), start)
+    torch.testing.assert_close(shrunk.detach(), start * 0.95**3)

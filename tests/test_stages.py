@@ -5,7 +5,7 @@ import pytest
 
 from chinese_clip.config import ConfigError, ParamRule, StageConfig, load_config
 from chinese_clip.model import ChineseCLIP
-from chinese_clip.stages import freeze, plan_stages, resolve_lr_scales, stage_rules, summary
+from chinese_clip.stages import freeze, plan_stages, resolve_lr_scales, stage_lr_scales, stage_rules, summary
 
 NAMES = ["logit_scale", "logit_bias", "visual.cls_token", "visual.blocks.0.attn.qkv.weight",
          "visual.blocks.1.attn.qkv.weight", "visual.blocks.11.mlp.fc1.weight", "visual_projection.weight",
@@ -66,3 +66,19 @@ def test_freeze_sets_requires_grad_and_the_summary_counts_each_tower(tiny_model_
     text = summary(stage, 1, sizes, scales, 2, 1)
     assert f"vision              0 of {vision:>13,} parameters train (frozen)" in text
     assert "batch 128 x 2 processes = 256 per step, mask ratio 0.00" in text
+
+
+def test_layer_decay_scales_each_block_by_its_depth_and_multiplies_the_rules(tiny_model_cfg):
+    names = [name for name, _ in ChineseCLIP(tiny_model_cfg).named_parameters()]  # 2 vision blocks, 2 text layers
+    stage = StageConfig(name="full", steps=1, layer_decay=0.5,
+                        params=[ParamRule(r"text\.encoder\.layer\.0\..*", 0.1), ParamRule(r"visual\.blocks\.0\..*", 0.0)])
+    scales = stage_lr_scales(names, stage, "clip", "full")
+    expected = {"visual.cls_token": 0.125, "visual.patch_embed.proj.weight": 0.125, "visual.norm_pre.weight": 0.125,
+                "visual.blocks.0.attn.qkv.weight": 0.0, "visual.blocks.1.attn.qkv.weight": 0.5,
+                "visual.norm.weight": 1.0, "visual_projection.weight": 1.0,
+                "text.embeddings.word_embeddings.weight": 0.125, "text.encoder.layer.0.output.dense.weight": 0.1 * 0.25,
+                "text.encoder.layer.1.output.dense.weight": 0.5, "text_projection.weight": 1.0,
+                "logit_scale": 1.0, "logit_bias": 0.0}
+    assert {name: scales[name] for name in expected} == pytest.approx(expected)
+    assert stage_lr_scales(names, StageConfig(name="s", steps=1), "clip", "s") == resolve_lr_scales(
+        names, stage_rules(StageConfig(name="s", steps=1), "clip"), "s")
