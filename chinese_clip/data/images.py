@@ -1,0 +1,80 @@
+"""Image bytes -> a clean RGB image, or the reason it cannot be used.
+
+Web-scale image-text data holds every kind of broken or odd file: zero bytes, HTML saved as .jpg,
+truncated downloads, decompression bombs, palette and alpha images, CMYK JPEGs, 16-bit PNGs,
+slivers. `decode_image` decodes once, refuses the unusable with a short reason (for quarantine
+reports and skip counters) and normalises the rest to 8-bit RGB; `encode_jpeg` writes it back.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+
+@dataclass(frozen=True)
+class ImageRules:
+    min_side: int = 32  # shorter side, pixels: smaller is an icon or a tracking pixel
+    max_aspect: float = 6.0  # longer side / shorter side: beyond it, banners and slivers
+    max_pixels: int = 8192 * 8192  # width x height in the header; more is a decompression bomb (PIL caps it at ~179M)
+    max_short_side: int | None = None  # resize (keeping the aspect) so the shorter side is at most this
+
+
+class BadImage(ValueError):
+    """An image that cannot be used; str() is the reason."""
+
+
+def decode_image(data: bytes, rules: ImageRules = ImageRules()) -> Image.Image:
+    """8-bit RGB, alpha composited on white, resized if the rules say so; else BadImage(reason)."""
+    if not data:
+        raise BadImage("empty file")
+    try:
+        image = Image.open(io.BytesIO(data))  # reads the header only: the size is known before any decoding
+    except UnidentifiedImageError:
+        raise BadImage("not an image") from None
+    except Image.DecompressionBombError as e:  # PIL's own limit, twice its MAX_IMAGE_PIXELS
+        raise BadImage(f"decompression bomb: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:  # cut off inside the header
+        raise BadImage(f"truncated or corrupt: {e}") from None
+    width, height = image.size
+    if width * height > rules.max_pixels:
+        raise BadImage(f"decompression bomb: {width}x{height} pixels")
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as e:  # a truncated download stays an error, never grey pixels
+        raise BadImage(f"truncated or corrupt: {e}") from None
+    if min(width, height) < rules.min_side:
+        raise BadImage(f"too small: {width}x{height}, shorter side under {rules.min_side}")
+    if max(width, height) / min(width, height) > rules.max_aspect:
+        raise BadImage(f"extreme aspect ratio: {width}x{height}")
+    image = to_rgb(image)
+    short = min(width, height)
+    if rules.max_short_side is not None and short > rules.max_short_side:
+        scale = rules.max_short_side / short
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        image = image.resize(size, Image.BICUBIC, reducing_gap=3.0)
+    return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Palette, alpha, CMYK, grayscale and 16-bit images as 8-bit RGB. Transparent pixels become white,
+    as on the web page the image came from, not the black of dropping the alpha channel."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        pixels = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(pixels * 255.0 / top + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode in ("RGB", "L") and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def encode_jpeg(image: Image.Image, quality: int = 95) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=quality)
+    return out.getvalue()
