@@ -1,0 +1,162 @@
+"""Readers for the layouts image-text data comes in, all yielding `RawPair`s in a fixed order.
+
+A reader never drops an input: a row it cannot use (invalid UTF-8, a missing image file, no
+caption) comes out as a RawPair with `problem` set, so that the shard builder can account for
+every input, either in a shard or in its quarantine report.
+
+    table    CSV / TSV / jsonl with a caption column (text, caption) and an image column
+             (image_path, image, filepath, file), paths relative to the table's directory
+    cn_clip  Chinese-CLIP's `{split}_imgs.tsv` (image_id <TAB> base64) + `{split}_texts.jsonl`
+    lmdb     Chinese-CLIP's LMDB directory (`imgs/`, `pairs/`), as its build_lmdb_dataset.py writes
+    folder   images with a caption file beside each (cat.jpg + cat.txt)
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+CAPTION_COLUMNS = ("text", "caption")
+IMAGE_COLUMNS = ("image_path", "image", "filepath", "file")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+
+
+@dataclass
+class RawPair:
+    key: str  # where it came from, for reports: "train.csv:17", "train_texts.jsonl:3/123"
+    caption: str | None
+    image: bytes | None
+    problem: str | None = None  # why the reader could not produce it whole
+
+
+def read_pairs(source: str | Path, split: str = "train") -> Iterator[RawPair]:
+    """Every pair of `source`, recognising its layout (see the module docstring)."""
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    if path.is_file():
+        if path.suffix.lower() in (".csv", ".tsv", ".jsonl"):
+            return read_table(path)
+        raise ValueError(f"{path}: not a table; expected .csv, .tsv or .jsonl, or a directory")
+    if (path / "imgs").is_dir() and (path / "pairs").is_dir():
+        return read_cn_clip_lmdb(path)
+    if (path / f"{split}_imgs.tsv").is_file():
+        return read_cn_clip_tsv(path, split)
+    return read_image_folder(path)
+
+
+def _decode_line(raw: bytes, where: str) -> tuple[str | None, str | None]:
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError as e:
+        return None, f"invalid UTF-8 at byte {e.start} of {where}"
+
+
+def _pick(row: dict, columns: tuple[str, ...]) -> str | None:
+    return next((row[c] for c in columns if row.get(c) not in (None, "")), None)
+
+
+def read_table(path: Path) -> Iterator[RawPair]:
+    rows = _jsonl_rows(path) if path.suffix.lower() == ".jsonl" else _csv_rows(path)
+    for where, row, problem in rows:
+        if problem:
+            yield RawPair(where, None, None, problem)
+            continue
+        caption, image_path = _pick(row, CAPTION_COLUMNS), _pick(row, IMAGE_COLUMNS)
+        if image_path is None:
+            yield RawPair(where, caption, None, f"no image column ({' or '.join(IMAGE_COLUMNS)})")
+            continue
+        file = path.parent / image_path
+        if not file.is_file():
+            yield RawPair(where, caption, None, f"image file not found: {image_path}")
+            continue
+        yield RawPair(where, caption, file.read_bytes())
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[str, dict | None, str | None]]:
+    lines = path.read_bytes().splitlines()
+    if not lines:
+        return
+    header, problem = _decode_line(lines[0], f"{path.name}:1")
+    if problem:
+        raise ValueError(f"{path}: the header line is not UTF-8")
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    columns = next(csv.reader([header], delimiter=delimiter))
+    for number, raw in enumerate(lines[1:], start=2):
+        where = f"{path.name}:{number}"
+        text, problem = _decode_line(raw, where)
+        if problem:
+            yield where, None, problem
+        elif text.strip():
+            yield where, dict(zip(columns, next(csv.reader([text], delimiter=delimiter)))), None
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict | None, str | None]]:
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        where = f"{path.name}:{number}"
+        text, problem = _decode_line(raw, where)
+        if problem:
+            yield where, None, problem
+        elif text.strip():
+            try:
+                yield where, json.loads(text), None
+            except json.JSONDecodeError as e:
+                yield where, None, f"not JSON: {e.msg}"
+
+
+def read_cn_clip_tsv(directory: Path, split: str) -> Iterator[RawPair]:
+    """One pair per (text, image id) of `{split}_texts.jsonl`; images from `{split}_imgs.tsv`."""
+    images: dict[str, bytes] = {}
+    for number, raw in enumerate((directory / f"{split}_imgs.tsv").read_bytes().splitlines(), start=1):
+        image_id, _, b64 = raw.partition(b"\t")
+        try:
+            images[image_id.decode()] = base64.urlsafe_b64decode(b64)
+        except (ValueError, UnicodeDecodeError):
+            images[image_id.decode(errors="replace")] = b""  # decode_image names it an empty file
+    for where, row, problem in _jsonl_rows(directory / f"{split}_texts.jsonl"):
+        if problem:
+            yield RawPair(where, None, None, problem)
+            continue
+        for image_id in row.get("image_ids", []):
+            key = f"{where}/{image_id}"
+            if str(image_id) not in images:
+                yield RawPair(key, row.get("text"), None, f"image id {image_id} not in {split}_imgs.tsv")
+            else:
+                yield RawPair(key, row.get("text"), images[str(image_id)])
+
+
+def read_cn_clip_lmdb(directory: Path) -> Iterator[RawPair]:
+    """Chinese-CLIP's LMDB: pairs/ maps a sample index to a pickled (image_id, text_id, text), imgs/
+    an image id to the base64 image. The pickles are Chinese-CLIP's own format: read only trusted data."""
+    import lmdb
+
+    pairs = lmdb.open(str(directory / "pairs"), readonly=True, lock=False, readahead=False)
+    images = lmdb.open(str(directory / "imgs"), readonly=True, lock=False, readahead=False)
+    with pairs.begin() as pair_txn, images.begin() as image_txn:
+        count = int(pair_txn.get(b"num_samples").decode())
+        for index in range(count):
+            image_id, text_id, text = pickle.loads(pair_txn.get(str(index).encode()))
+            b64 = image_txn.get(str(image_id).encode())
+            key = f"{directory.name}/pairs/{index}"
+            if b64 is None:
+                yield RawPair(key, text, None, f"image id {image_id} not in imgs/")
+            else:
+                yield RawPair(key, text, base64.urlsafe_b64decode(b64))
+    pairs.close()
+    images.close()
+
+
+def read_image_folder(directory: Path) -> Iterator[RawPair]:
+    for file in sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        key = str(file.relative_to(directory))
+        caption_file = file.with_suffix(".txt")
+        if not caption_file.is_file():
+            yield RawPair(key, None, file.read_bytes(), f"no caption file {caption_file.name}")
+            continue
+        caption, problem = _decode_line(caption_file.read_bytes(), caption_file.name)
+        yield RawPair(key, caption.strip() if caption else None, file.read_bytes(), problem)
+

@@ -1,0 +1,160 @@
+"""data_tools/build_shards.py: every reader on generated data, and a corrupt-input suite in which
+each input lands in a shard or in the quarantine report with the right reason."""
+import base64
+import io
+import json
+import pickle
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from chinese_clip.data.images import decode_image
+from chinese_clip.data.readers import read_pairs
+from chinese_clip.data.shards import build_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+GOOD_CAPTION = "一只橘色的猫趴在窗台上"
+
+
+def encoded(image: Image.Image, fmt: str) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=fmt)
+    return out.getvalue()
+
+
+def photo(size=(80, 60), seed=0) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels, "RGB")
+
+
+def bomb() -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+def rows(shard_dir: Path) -> list[dict]:
+    return [row for shard in sorted(shard_dir.glob("shard-*.parquet")) for row in pq.read_table(shard).to_pylist()]
+
+
+def quarantine(shard_dir: Path) -> dict[str, str]:
+    lines = [json.loads(line) for file in sorted((shard_dir / "quarantine").glob("*.jsonl"))
+             for line in file.read_text(encoding="utf-8").splitlines()]
+    return {d["source"]: d["reason"] for d in lines}
+
+
+# (file name, bytes or None for no file, caption, where it must land: "shard" or the reason's start)
+SUITE = [
+    ("good.jpg", encoded(photo(), "JPEG"), GOOD_CAPTION, "shard"),
+    ("alpha.png", encoded(Image.new("RGBA", (64, 64), (0, 0, 255, 128)), "PNG"), GOOD_CAPTION, "shard"),
+    ("palette.gif", encoded(photo().convert("P"), "GIF"), GOOD_CAPTION, "shard"),
+    ("cmyk.jpg", encoded(Image.new("CMYK", (64, 64), (0, 255, 255, 0)), "JPEG"), GOOD_CAPTION, "shard"),
+    ("deep.png", encoded(Image.fromarray(np.full((48, 48), 40000, dtype=np.uint16)), "PNG"), GOOD_CAPTION, "shard"),
+    ("truncated.jpg", encoded(photo((256, 256)), "JPEG")[:4000], GOOD_CAPTION, "truncated or corrupt"),
+    ("zero.jpg", b"", GOOD_CAPTION, "empty file"),
+    ("text.jpg", "这不是图片".encode(), GOOD_CAPTION, "not an image"),
+    ("tiny.png", encoded(photo((1, 1)), "PNG"), GOOD_CAPTION, "too small"),
+    ("sliver.png", encoded(photo((20000, 10)), "PNG"), GOOD_CAPTION, "too small"),
+    ("bomb.png", bomb(), GOOD_CAPTION, "decompression bomb"),
+    ("empty_caption.jpg", encoded(photo(seed=1), "JPEG"), "", "empty caption"),
+    ("long_caption.jpg", encoded(photo(seed=2), "JPEG"), "长" * 10000, "too long"),
+    ("missing.jpg", None, GOOD_CAPTION, "image file not found"),
+]
+
+
+@pytest.fixture
+def csv_dataset(tmp_path) -> Path:
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    lines = [b"image_path,text"]
+    for name, content, caption, _ in SUITE:
+        if content is not None:
+            (data / "images" / name).write_bytes(content)
+        lines.append(f"images/{name},{caption}".encode())
+    lines.append("images/good.jpg,".encode() + "猫".encode("gbk") + b"\xff\xfe")  # a GBK line in a UTF-8 file
+    (data / "pairs.csv").write_bytes(b"\n".join(lines) + b"\n")
+    return data / "pairs.csv"
+
+
+def test_every_input_lands_in_a_shard_or_in_quarantine_with_its_reason(csv_dataset, tmp_path):
+    out = tmp_path / "shards"
+    counts = build_shards(read_pairs(csv_dataset), out, rows_per_shard=4)
+    kept, dropped = rows(out), quarantine(out)
+    assert counts["inputs"] == len(SUITE) + 1 == len(kept) + len(dropped)
+    for number, (name, _, _, expected) in enumerate(SUITE, start=2):
+        key = f"pairs.csv:{number}"
+        if expected == "shard":
+            assert key in {row["source"] for row in kept}, (name, dropped.get(key))
+        else:
+            assert dropped[key].startswith(expected), (name, dropped.get(key))
+    assert dropped[f"pairs.csv:{len(SUITE) + 2}"].startswith("invalid UTF-8")
+    for row in kept:  # what training will read: RGB JPEGs and normalised captions
+        image = decode_image(row["image"])
+        assert image.mode == "RGB" and image.size == (row["width"], row["height"]) and row["caption"] == GOOD_CAPTION
+    assert len({row["id"] for row in kept}) == len(kept)
+    assert json.loads((out / "summary.json").read_text())["reasons"]["too small"] == 2
+
+
+def test_an_interrupted_build_resumes_without_duplicates_on_two_workers(csv_dataset, tmp_path):
+    out = tmp_path / "shards"
+    build_shards(read_pairs(csv_dataset), out, rows_per_shard=4)
+    first = rows(out)
+    (out / "shard-00002.parquet").unlink()  # as if killed while writing the third shard
+    (out / "shard-00003.parquet").unlink()
+    counts = build_shards(read_pairs(csv_dataset), out, rows_per_shard=4, workers=2)
+    assert counts["shards_resumed"] == 2 and counts["inputs"] == len(first) + counts["quarantined"]
+    assert rows(out) == first
+
+
+def test_chinese_clip_layouts_and_image_folders_are_read(tmp_path):
+    images = {str(i): encoded(photo(seed=i), "JPEG") for i in range(3)}
+    texts = [{"text_id": 0, "text": "红色的花", "image_ids": [0, 1]}, {"text_id": 1, "text": "蓝色的海", "image_ids": [2, 7]}]
+    tsv = tmp_path / "tsv"
+    tsv.mkdir()
+    (tsv / "valid_imgs.tsv").write_text("".join(f"{i}\t{base64.urlsafe_b64encode(b).decode()}\n" for i, b in images.items()))
+    (tsv / "valid_texts.jsonl").write_text("".join(json.dumps(t, ensure_ascii=False) + "\n" for t in texts))
+    pairs = list(read_pairs(tsv, split="valid"))
+    assert [(p.caption, p.image is not None and p.image == images[p.key.rsplit("/", 1)[1]], p.problem)
+            for p in pairs] == [
+        ("红色的花", True, None), ("红色的花", True, None), ("蓝色的海", True, None),
+        ("蓝色的海", False, "image id 7 not in valid_imgs.tsv")]
+
+    import lmdb  # the layout Chinese-CLIP's build_lmdb_dataset.py writes
+    lmdb_dir = tmp_path / "lmdb"
+    for name, entries in [("imgs", {**{k: base64.urlsafe_b64encode(v) for k, v in images.items()}, "num_images": b"3"}),
+                          ("pairs", {"0": pickle.dumps((0, 0, "红色的花")), "1": pickle.dumps((2, 1, "蓝色的海")),
+                                     "num_samples": b"2"})]:
+        (lmdb_dir / name).mkdir(parents=True)
+        env = lmdb.open(str(lmdb_dir / name), map_size=1 << 24)
+        with env.begin(write=True) as txn:
+            for key, value in entries.items():
+                txn.put(key.encode(), value)
+        env.close()
+    assert [(p.caption, p.image) for p in read_pairs(lmdb_dir)] == [("红色的花", images["0"]), ("蓝色的海", images["2"])]
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(images["0"])
+    (folder / "a.txt").write_text(" 一只猫 \n")
+    (folder / "b.png").write_bytes(images["1"])
+    assert [(p.key, p.caption, p.problem) for p in read_pairs(folder)] == [
+        ("a.jpg", "一只猫", None), ("b.png", None, "no caption file b.txt")]
+
+
+def test_the_tool_prints_a_summary_and_names_a_missing_source(csv_dataset, tmp_path):
+    tool = [sys.executable, str(ROOT / "data_tools" / "build_shards.py")]
+    result = subprocess.run(tool + [str(csv_dataset), "--out", str(tmp_path / "s"), "--workers", "1"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "inputs" in result.stdout and "quarantined" in result.stdout and "too small" in result.stdout
+    result = subprocess.run(tool + [str(tmp_path / "nowhere"), "--out", str(tmp_path / "s")], capture_output=True,
+                            text=True, cwd=ROOT)
+    assert result.returncode == 1 and result.stderr.strip() == f"error: {tmp_path / 'nowhere'}: no such file or directory"
