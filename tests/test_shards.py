@@ -158,3 +158,36 @@ def test_the_tool_prints_a_summary_and_names_a_missing_source(csv_dataset, tmp_p
     result = subprocess.run(tool + [str(tmp_path / "nowhere"), "--out", str(tmp_path / "s")], capture_output=True,
                             text=True, cwd=ROOT)
     assert result.returncode == 1 and result.stderr.strip() == f"error: {tmp_path / 'nowhere'}: no such file or directory"
+
+
+def test_webdataset_tars_and_parquet_files_are_read(tmp_path):
+    import tarfile
+
+    import pyarrow as pa
+
+    images = [encoded(photo(seed=i), "JPEG") for i in range(3)]
+    tar_path = tmp_path / "shard-000000.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        members = [("000000.jpg", images[0]), ("000000.txt", "红色的花".encode()),
+                   ("000001.jpg", images[1]), ("000001.json", json.dumps({"caption": "蓝色的海"}).encode()),
+                   ("000002.jpg", images[2])]
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert [(p.key, p.caption, p.image == images[i], p.problem) for i, p in enumerate(read_pairs(tmp_path))] == [
+        ("shard-000000.tar/000000", "红色的花", True, None), ("shard-000000.tar/000001", "蓝色的海", True, None),
+        ("shard-000000.tar/000002", None, True, "no caption (.txt or .json)")]
+
+    table = pa.table({"image": [{"bytes": images[0], "path": None}, {"bytes": None, "path": "x.jpg"}],
+                      "caption": ["红色的花", "蓝色的海"]})
+    pq.write_table(table, tmp_path / "pairs.parquet")
+    assert [(p.caption, p.image == images[0], p.problem) for p in read_pairs(tmp_path / "pairs.parquet")] == [
+        ("红色的花", True, None), ("蓝色的海", False, "no image bytes")]
+    # this project's own shards read back as input
+    out = tmp_path / "shards"
+    build_shards(read_pairs(tar_path), out)
+    assert [p.caption for p in read_pairs(out)] == ["红色的花", "蓝色的海"]
+    pq.write_table(pa.table({"url": ["x"]}), tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match=r"bad.parquet: expected an image column"):
+        list(read_pairs(tmp_path / "bad.parquet"))

@@ -9,6 +9,10 @@ every input, either in a shard or in its quarantine report.
     cn_clip  Chinese-CLIP's `{split}_imgs.tsv` (image_id <TAB> base64) + `{split}_texts.jsonl`
     lmdb     Chinese-CLIP's LMDB directory (`imgs/`, `pairs/`), as its build_lmdb_dataset.py writes
     folder   images with a caption file beside each (cat.jpg + cat.txt)
+    tar      webdataset shards as img2dataset writes them (000001.jpg + 000001.txt or .json), one
+             .tar or a directory of them
+    parquet  an image column (bytes, or {bytes: ...} as `datasets` stores images) and a caption
+             column; one file or a directory of them (this project's shards included)
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import base64
 import csv
 import json
 import pickle
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -39,13 +44,19 @@ def read_pairs(source: str | Path, split: str = "train") -> Iterator[RawPair]:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
     if path.is_file():
-        if path.suffix.lower() in (".csv", ".tsv", ".jsonl"):
+        suffix = path.suffix.lower()
+        if suffix in (".csv", ".tsv", ".jsonl"):
             return read_table(path)
-        raise ValueError(f"{path}: not a table; expected .csv, .tsv or .jsonl, or a directory")
+        if suffix in (".tar", ".parquet"):
+            return (read_tars if suffix == ".tar" else read_parquet)([path])
+        raise ValueError(f"{path}: expected a .csv, .tsv, .jsonl, .tar or .parquet file, or a directory")
     if (path / "imgs").is_dir() and (path / "pairs").is_dir():
         return read_cn_clip_lmdb(path)
     if (path / f"{split}_imgs.tsv").is_file():
         return read_cn_clip_tsv(path, split)
+    for suffix, reader in ((".tar", read_tars), (".parquet", read_parquet)):
+        if files := sorted(path.glob(f"*{suffix}")):
+            return reader(files)
     return read_image_folder(path)
 
 
@@ -160,3 +171,62 @@ def read_image_folder(directory: Path) -> Iterator[RawPair]:
         caption, problem = _decode_line(caption_file.read_bytes(), caption_file.name)
         yield RawPair(key, caption.strip() if caption else None, file.read_bytes(), problem)
 
+
+
+def read_tars(paths: list[Path]) -> Iterator[RawPair]:
+    """webdataset: the members of a sample share a key (the name up to its first dot) and are
+    stored together, so samples stream out one at a time."""
+    for path in paths:
+        key, files = None, {}
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                name, _, extension = member.name.partition(".")
+                if name != key and key is not None:
+                    yield _tar_sample(f"{path.name}/{key}", files)
+                    files = {}
+                key = name
+                files[extension.lower()] = tar.extractfile(member).read()
+        if key is not None:
+            yield _tar_sample(f"{path.name}/{key}", files)
+
+
+def _tar_sample(where: str, files: dict[str, bytes]) -> RawPair:
+    image = next((files[e] for e in ("jpg", "jpeg", "png", "webp") if e in files), None)
+    caption, problem = None, None
+    if "txt" in files:
+        caption, problem = _decode_line(files["txt"], f"{where}.txt")
+    elif "json" in files:
+        try:
+            meta = json.loads(files["json"])
+            caption = meta.get("caption") or meta.get("text")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            problem = f"unreadable {where}.json: {e}"
+    else:
+        problem = "no caption (.txt or .json)"
+    if image is None:
+        problem = problem or "no image (.jpg, .jpeg, .png or .webp)"
+    return RawPair(where, caption.strip() if caption else caption, image, problem)
+
+
+def read_parquet(paths: list[Path]) -> Iterator[RawPair]:
+    import pyarrow.parquet as pq
+
+    for path in paths:
+        file = pq.ParquetFile(path)
+        names = file.schema_arrow.names
+        image_column = next((c for c in ("image", "jpg", "img", "image_bytes") if c in names), None)
+        caption_column = next((c for c in CAPTION_COLUMNS if c in names), None)
+        if image_column is None or caption_column is None:
+            raise ValueError(f"{path}: expected an image column (image, jpg, img, image_bytes) and a caption "
+                             f"column ({', '.join(CAPTION_COLUMNS)}); it has {names}")
+        number = 0
+        for batch in file.iter_batches(batch_size=256, columns=[image_column, caption_column]):
+            for row in batch.to_pylist():
+                image = row[image_column]
+                if isinstance(image, dict):  # datasets' Image feature: {"bytes": ..., "path": ...}
+                    image = image.get("bytes")
+                yield RawPair(f"{path.name}:{number}", row[caption_column], image,
+                              None if image else "no image bytes")
+                number += 1
