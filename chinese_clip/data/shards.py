@@ -57,14 +57,14 @@ def _clean_batch(args: tuple[list[RawPair], ShardRules]) -> list[tuple[dict | No
 
 
 def build_shards(pairs: Iterable[RawPair], out_dir: str | Path, rules: ShardRules = ShardRules(),
-                 rows_per_shard: int = 1000, workers: int = 1, total: int | None = None) -> dict:
+                 rows_per_shard: int = 1000, workers: int = 1) -> dict:
     """Write the shards and the quarantine report; returns the counts (see `summary_table`)."""
     out_dir = Path(out_dir)
     (out_dir / "quarantine").mkdir(parents=True, exist_ok=True)
     counts = {"inputs": 0, "written": 0, "quarantined": 0, "shards_resumed": 0, "reasons": Counter()}
     pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
     stream = iter(pairs)
-    bar = tqdm(total=total, unit="pair", desc="build shards", mininterval=1.0)
+    bar = tqdm(unit="pair", desc="build shards", mininterval=1.0)  # readers stream: the total is unknown
     try:
         for index in count():
             chunk = list(islice(stream, rows_per_shard))
