@@ -122,31 +122,43 @@ def from_cn_clip(weights: dict[str, torch.Tensor], visual: VisionTransformer) ->
     return out
 
 
-_OPENAI_VIT_TOP = {"patch_embed.proj.weight": "conv1.weight", "norm_pre.weight": "ln_pre.weight",
+_OPENAI_VIT_TOP = {"cls_token": "class_embedding", "pos_embed": "positional_embedding",
+                   "patch_embed.proj.weight": "conv1.weight", "norm_pre.weight": "ln_pre.weight",
                    "norm_pre.bias": "ln_pre.bias", "norm.weight": "ln_post.weight", "norm.bias": "ln_post.bias"}
 _OPENAI_VIT_BLOCK = {"norm1": "ln_1", "norm2": "ln_2", "attn.proj": "attn.out_proj", "mlp.fc1": "mlp.c_fc",
                      "mlp.fc2": "mlp.c_proj"}
 _BLOCK_PARAM = re.compile(r"blocks\.(\d+)\.(.+)\.(weight|bias)")
 
 
-def to_cn_clip(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Ours -> Chinese-CLIP names (no `module.` prefix): timm's OpenAI-CLIP mapping read backwards."""
+def _rename_ours(weights: dict[str, torch.Tensor], text_prefix: str, vision_prefix: str, top: dict[str, str],
+                 rename_block) -> dict[str, torch.Tensor]:
+    """The walk both exports share: the BERT tower moves under `text_prefix`; the ViT's tensors outside
+    its blocks are renamed by `top` (the class token and position embedding lose their batch
+    dimension), those in blocks by `rename_block(index, module, param, value) -> {name: tensor}`."""
     out: dict[str, torch.Tensor] = {}
     for name, value in weights.items():
         if name.startswith("text."):
-            out[f"bert.{name.removeprefix('text.')}"] = value
-        elif not name.startswith("visual."):
-            continue
-        elif (key := name.removeprefix("visual.")) == "cls_token":
-            out["visual.class_embedding"] = value.reshape(-1)  # [1, 1, W] -> [W]
-        elif key == "pos_embed":
-            out["visual.positional_embedding"] = value[0]  # [1, N + 1, W] -> [N + 1, W]
-        elif key in _OPENAI_VIT_TOP:
-            out[f"visual.{_OPENAI_VIT_TOP[key]}"] = value
-        else:
-            index, module, param = _BLOCK_PARAM.fullmatch(key).groups()
-            theirs = f"attn.in_proj_{param}" if module == "attn.qkv" else f"{_OPENAI_VIT_BLOCK[module]}.{param}"
-            out[f"visual.transformer.resblocks.{index}.{theirs}"] = value
+            out[text_prefix + name.removeprefix("text.")] = value
+        elif name.startswith("visual."):
+            key = name.removeprefix("visual.")
+            if key == "cls_token":
+                value = value.reshape(-1)  # [1, 1, W] -> [W]
+            elif key == "pos_embed":
+                value = value[0]  # [1, N + 1, W] -> [N + 1, W]
+            if key in top:
+                out[vision_prefix + top[key]] = value
+            else:
+                out.update(rename_block(*_BLOCK_PARAM.fullmatch(key).groups(), value))
+    return out
+
+
+def to_cn_clip(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Ours -> Chinese-CLIP names (no `module.` prefix): timm's OpenAI-CLIP mapping read backwards."""
+    def block(index: str, module: str, param: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+        theirs = f"attn.in_proj_{param}" if module == "attn.qkv" else f"{_OPENAI_VIT_BLOCK[module]}.{param}"
+        return {f"visual.transformer.resblocks.{index}.{theirs}": value}
+
+    out = _rename_ours(weights, "bert.", "visual.", _OPENAI_VIT_TOP, block)
     out["visual.proj"] = weights["visual_projection.weight"].t()
     out["text_projection"] = weights["text_projection.weight"].t()
     out["logit_scale"] = weights["logit_scale"].reshape(())
@@ -190,7 +202,8 @@ def hf_config(cfg: ModelConfig) -> dict:
     }
 
 
-_HF_VIT_TOP = {"patch_embed.proj.weight": "embeddings.patch_embedding.weight",
+_HF_VIT_TOP = {"cls_token": "embeddings.class_embedding", "pos_embed": "embeddings.position_embedding.weight",
+               "patch_embed.proj.weight": "embeddings.patch_embedding.weight",
                "norm_pre.weight": "pre_layrnorm.weight", "norm_pre.bias": "pre_layrnorm.bias",  # sic
                "norm.weight": "post_layernorm.weight", "norm.bias": "post_layernorm.bias"}
 _HF_VIT_BLOCK = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.proj": "self_attn.out_proj",
@@ -200,26 +213,13 @@ _HF_BLOCK_PARAM = re.compile(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)")
 
 def to_hf(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Ours -> HF ChineseCLIPModel names."""
-    out: dict[str, torch.Tensor] = {}
-    for name, value in weights.items():
-        if name.startswith("text."):
-            out[f"text_model.{name.removeprefix('text.')}"] = value
-        elif not name.startswith("visual."):
-            continue
-        elif (key := name.removeprefix("visual.")) == "cls_token":
-            out["vision_model.embeddings.class_embedding"] = value.reshape(-1)  # [1, 1, W] -> [W]
-        elif key == "pos_embed":
-            out["vision_model.embeddings.position_embedding.weight"] = value[0]  # [1, N + 1, W] -> [N + 1, W]
-        elif key in _HF_VIT_TOP:
-            out[f"vision_model.{_HF_VIT_TOP[key]}"] = value
-        else:
-            index, module, param = _BLOCK_PARAM.fullmatch(key).groups()
-            layer = f"vision_model.encoder.layers.{index}"
-            if module == "attn.qkv":  # timm packs q, k, v in this order along the output dimension
-                for part, chunk in zip("qkv", value.chunk(3)):
-                    out[f"{layer}.self_attn.{part}_proj.{param}"] = chunk
-            else:
-                out[f"{layer}.{_HF_VIT_BLOCK[module]}.{param}"] = value
+    def block(index: str, module: str, param: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+        layer = f"vision_model.encoder.layers.{index}"
+        if module == "attn.qkv":  # timm packs q, k, v in this order along the output dimension
+            return {f"{layer}.self_attn.{part}_proj.{param}": chunk for part, chunk in zip("qkv", value.chunk(3))}
+        return {f"{layer}.{_HF_VIT_BLOCK[module]}.{param}": value}
+
+    out = _rename_ours(weights, "text_model.", "vision_model.", _HF_VIT_TOP, block)
     out["visual_projection.weight"] = weights["visual_projection.weight"]
     out["text_projection.weight"] = weights["text_projection.weight"]
     out["logit_scale"] = weights["logit_scale"].reshape(())
