@@ -64,15 +64,17 @@ class ReductionLog:
         return call
 
 
-def main(out: str, run_dir: str, accum_freq: str, micro_batch: str, *overrides: str) -> None:
+def main(out: str, run_dir: str, accum_freq: str, micro_batch: str, dtype: str, *overrides: str) -> None:
     accum, b = int(accum_freq), int(micro_batch)
     cfg = load_config(TINY, [f"train.accum_freq={accum}", f"data.batch_size={b}", *overrides])
     accelerator = build_accelerator(cfg.train, Path(run_dir))
     configure_deepspeed(accelerator, cfg)
     set_seed(0)
-    # float64: the gradient of a freshly initialised model is a small difference of large terms, so
-    # float32 rounding alone moves it by ~1e-5; in float64 any real difference stands out.
-    trainer = Trainer(cfg, accelerator, lambda: ChineseCLIP(cfg.model).double(), None, None, Path(run_dir))
+    # float64 where the engine allows it (ZeRO-3 partitions only 16- and 32-bit parameters): the
+    # gradient of a freshly initialised model is a small difference of large terms, so float32
+    # rounding alone moves it by ~1e-5; in float64 any real difference stands out.
+    precision = getattr(torch, dtype)
+    trainer = Trainer(cfg, accelerator, lambda: ChineseCLIP(cfg.model).to(precision), None, None, Path(run_dir))
     stage = trainer.plan[0]
     weights = trainer.new_model().state_dict()
     trainer.build_engine(stage, weights, stage_lr_scales(list(weights), stage.cfg, cfg.loss.name, stage.name))

@@ -102,13 +102,13 @@ LAUNCHERS = {
 }
 
 
-def probe(tmp_path, name, accum_freq, micro_batch, overrides, launcher=None):
+def probe(tmp_path, name, accum_freq, micro_batch, overrides, launcher=None, dtype="float64"):
     cmd = [sys.executable, PROBE]
     if launcher is not None:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
                "--main_process_port", str(free_port()), *LAUNCHERS[launcher], PROBE]
     out = tmp_path / f"{name}.pt"
-    result = subprocess.run(cmd + [str(out), str(tmp_path / name), str(accum_freq), str(micro_batch), *overrides],
+    result = subprocess.run(cmd + [str(out), str(tmp_path / name), str(accum_freq), str(micro_batch), dtype, *overrides],
                             capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return torch.load(out)
@@ -129,9 +129,11 @@ def test_trainer_one_process(tmp_path, loss):
 def test_trainer_two_processes(tmp_path, launcher, loss):
     """accum_freq=4, micro-batch 2 on each of 2 ranks = one process with a batch of 16; and the
     gradients cross the network once per step: no reduction in the first three backward passes."""
-    reference = probe(tmp_path, "batch16", 1, 16, LOSSES[loss])["grads"]
-    ours = probe(tmp_path, "accum4", 4, 2, LOSSES[loss], launcher)
-    _assert_same_grads(ours["grads"], reference, rtol=1e-5)
+    # ZeRO-3 partitions 16- and 32-bit parameters only; in float32 rounding differs by up to ~1e-4.
+    dtype, rtol = ("float32", 1e-3) if launcher == "zero3" else ("float64", 1e-5)
+    reference = probe(tmp_path, "batch16", 1, 16, LOSSES[loss], dtype=dtype)["grads"]
+    ours = probe(tmp_path, "accum4", 4, 2, LOSSES[loss], launcher, dtype)
+    _assert_same_grads(ours["grads"], reference, rtol=rtol)
     assert ours["backward_passes"] == ["backward 0", "backward 1", "backward 2", "backward 3"]
     assert ours["reductions"], "no gradient reduction was seen"
     assert not set(ours["reductions"]) & {"backward 0", "backward 1", "backward 2"}, ours["reductions"]
