@@ -70,10 +70,29 @@ class SyntheticConfig:
 
 
 @dataclass
+class ShardSourceConfig:
+    path: str = ""  # a directory that data_tools/build_shards.py wrote, one .parquet file, or a glob
+    weight: float = 1.0  # relative share of each batch's samples; a small source with a large weight repeats
+
+
+@dataclass
 class DataConfig:
-    source: Literal["synthetic"] = "synthetic"
+    source: Literal["synthetic", "shards"] = "synthetic"
+    shards: list[ShardSourceConfig] = field(default_factory=list)  # source=shards: where the pairs are
     batch_size: int = 128  # per device; the global batch is batch_size x processes
     num_workers: int = 1
+    # Samples each dataloader worker mixes before batching; it holds their encoded images in memory.
+    shuffle_buffer: int = 2000
+    # Pretraining crops at random (scale is the crop's share of the image's area); "resize" squashes
+    # the whole image to a square, as Chinese-CLIP trained and evaluates its released models.
+    transform: Literal["random_resized_crop", "resize"] = "random_resized_crop"
+    crop_scale: tuple[float, float] = (0.9, 1.0)
+    # A sample that fails to decode in training is skipped and counted; past this share of the
+    # samples a dataloader worker has read (once it has read bad_check_after) the run stops.
+    max_bad_fraction: float = 0.01
+    bad_check_after: int = 1000
+    # Resume with other ranks, workers or sources: restart the data stream instead of refusing.
+    reset_position: bool = False
     context_length: int = 52  # Chinese-CLIP's text length
     vocab: Optional[str] = None  # vocab.txt or a tokenizer directory; None = cn_clip's vocabulary
     mean: tuple[float, float, float] = CLIP_MEAN
@@ -224,6 +243,14 @@ def _check(cfg: Config) -> Config:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}")
+    if cfg.data.source == "shards" and not cfg.data.shards:
+        raise ConfigError("data.source=shards needs data.shards: a list of {path: ..., weight: ...}")
+    if any(source.weight <= 0 for source in cfg.data.shards):
+        raise ConfigError("data.shards: every weight must be > 0")
+    if not 0 < cfg.data.crop_scale[0] <= cfg.data.crop_scale[1] <= 1:
+        raise ConfigError(f"data.crop_scale must satisfy 0 < low <= high <= 1, got {list(cfg.data.crop_scale)}")
+    if not 0 <= cfg.data.max_bad_fraction <= 1 or cfg.data.shuffle_buffer < 1:
+        raise ConfigError("data.max_bad_fraction must be in [0, 1] and data.shuffle_buffer at least 1")
     if cfg.loss.triplet_alpha < 0:
         raise ConfigError(f"loss.triplet_alpha must be >= 0, got {cfg.loss.triplet_alpha}")
     if cfg.loss.local_loss and cfg.loss.name != "clip":

@@ -10,6 +10,7 @@ from accelerate.utils import set_seed
 from chinese_clip.checkpoints import prepare_init, pretrained_vocab
 from chinese_clip.config import ConfigError, load_config
 from chinese_clip.data.loaders import build_train_loader
+from chinese_clip.data.stream import DataError, open_sources
 from chinese_clip.evaluation.synthetic import synthetic_evaluator
 from chinese_clip.model import ChineseCLIP
 from chinese_clip.runtime import build_accelerator, configure_deepspeed, run_dir_of
@@ -26,6 +27,9 @@ def train(config: str, overrides: list[str]) -> dict:
         configure_deepspeed(accelerator, cfg)
         # A pretrained model's file is read here: its architecture becomes cfg.model.
         init_weights = prepare_init(cfg, accelerator.print)
+        # Every shard is looked at now: a missing one is an error before training, not hours in.
+        readers = accelerator.num_processes * max(1, cfg.data.num_workers)
+        sources = open_sources(cfg.data, readers, accelerator.print) if cfg.data.source == "shards" else None
     except ConfigError as e:
         fail(e)
     # Each process draws its own dropout and FLIP masks (the initial weights are seeded apart, the
@@ -39,13 +43,19 @@ def train(config: str, overrides: list[str]) -> dict:
     image_size = cfg.model.vision.image_size
 
     # 3. Data: this rank's share of every global batch, from any position in the stream, and the
-    #    held-out evaluation sets.
-    def make_loader(batch_size: int, start_sample: int):
-        return build_train_loader(cfg.data, tokenizer, image_size, rank=accelerator.process_index,
-                                  world_size=accelerator.num_processes, seed=cfg.train.seed,
-                                  batch_size=batch_size, start_sample=start_sample)
+    #    held-out evaluation sets (synthetic data only, for now).
+    rank = accelerator.process_index
 
-    evaluate = synthetic_evaluator(cfg.data, image_size, tokenizer, accelerator.device, cfg.eval.batch_size)
+    def make_loader(batch_size: int, position: dict | None):
+        return build_train_loader(cfg.data, tokenizer, image_size, rank=rank, world_size=accelerator.num_processes,
+                                  seed=cfg.train.seed, batch_size=batch_size, position=position, sources=sources,
+                                  skip_log=run_dir / "skipped" / f"rank-{rank}.jsonl")
+
+    def no_evaluation(model) -> dict:
+        return {}
+
+    evaluate = (synthetic_evaluator(cfg.data, image_size, tokenizer, accelerator.device, cfg.eval.batch_size)
+                if cfg.data.source == "synthetic" else no_evaluation)
 
     # 4. Train stage by stage (resuming from the newest checkpoint if there is one), evaluate before
     #    and after, save (the tokenizer beside the weights: model/ is self-contained).
@@ -56,6 +66,9 @@ def train(config: str, overrides: list[str]) -> dict:
         results = trainer.fit()
     except ConfigError as e:
         fail(e)
+    except DataError as e:  # one rank's data: say so from that rank; the launcher stops the others
+        print(f"error on rank {rank}: {e}", file=sys.stderr)
+        sys.exit(3)
     if accelerator.is_main_process:
         tokenizer.save(run_dir / "model")
     return results

@@ -7,11 +7,11 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterator
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, gather_object
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -28,7 +28,9 @@ from chinese_clip.runtime import offloads_optimizer, set_deepspeed_batch
 from chinese_clip.stages import Stage, freeze, plan_stages, stage_lr_scales, summary, tower_counts
 
 Evaluate = Callable[[nn.Module], dict[str, dict]]
-MakeLoader = Callable[[int, int], Iterable]  # (per-process batch size, first sample) -> batches
+# (per-process batch size, data position or None for the start) -> an endless iterator of batches
+# with `.position` (JSON, where its last batch left the data) and `.counts` ({read, skipped} on this rank)
+MakeLoader = Callable[[int, dict | None], Iterator[dict]]
 
 
 class Trainer:
@@ -39,9 +41,10 @@ class Trainer:
     At a stage boundary that changes what trains, the DeepSpeed engine (or DDP wrapper) and the
     optimizer are built anew from the full fp32 weights: ZeRO fixes the trainable set when the
     engine is created. `build_model()` returns a fresh model, which a fresh run passes to
-    `init_weights` (pretrained weights) before it trains; `make_loader(batch, start)` an endless
-    loader; `evaluate(model)` returns {set name: {metric: value}}. It runs on every rank together
-    (under ZeRO-3 a forward pass is collective) with the unwrapped model.
+    `init_weights` (pretrained weights) before it trains; `make_loader(batch, position)` an endless
+    loader that continues from a data position; `evaluate(model)` returns {set name: {metric:
+    value}}. It runs on every rank together (under ZeRO-3 a forward pass is collective) with the
+    unwrapped model.
     """
 
     def __init__(self, cfg: Config, accelerator: Accelerator, build_model: Callable[[], ChineseCLIP],
@@ -55,6 +58,7 @@ class Trainer:
         self.plan = plan_stages(cfg.stages, accelerator.num_processes, cfg.train.accum_freq)
         self.total_steps = self.plan[-1].end_step
         self.model = self.optimizer = self.stage = self.batches = None
+        self.data_position: dict | None = None  # where the next loader starts
         self.lr_scales: dict[str, float] = {}  # what the current engine trains, name -> lr multiplier
         self.step = 0
         with torch.device("meta"):  # names only: a typo in the last stage's rules must not wait for that stage
@@ -135,6 +139,10 @@ class Trainer:
         if self.resume_from is not None:
             state = read_trainer_state(self.resume_from)
             self.step = state["step"]
+            # One per rank. On more ranks than saved them: the synthetic stream's position is global,
+            # so any rank's serves; a shard stream refuses a position saved under another layout.
+            positions = state["data"]
+            self.data_position = positions[acc.process_index if acc.process_index < len(positions) else 0]
             stage = self.plan[state["stage"]]
             self.enter_stage(stage, read_weights(self.run_dir / state["stage_weights"]))
             acc.load_state(str(self.resume_from))  # weights, optimizer, every rank's RNG
@@ -175,6 +183,7 @@ class Trainer:
                 losses = {name: acc.reduce(value, "mean").item() for name, value in parts.items()}
                 loss_value = losses.pop("loss")
                 elapsed = time.perf_counter() - tic
+                data = self.data_counts()
                 record = {
                     "train/loss": loss_value,
                     **{f"train/loss/{name}": value for name, value in losses.items()},
@@ -182,12 +191,14 @@ class Trainer:
                     "train/logit_scale": logit_scale.item(),
                     "train/samples_per_s": since * stage.global_batch / elapsed,
                     "train/step_time_s": elapsed / since,
+                    "data/samples_read": data["read"],
+                    "data/samples_skipped": data["skipped"],
                 }
                 if grad_norm is not None:
                     record["train/grad_norm"] = float(grad_norm)
                 self.log(record)
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", scale=f"{logit_scale.item():.1f}",
-                                sps=f"{record['train/samples_per_s']:.0f}")
+                                sps=f"{record['train/samples_per_s']:.0f}", skipped=data["skipped"])
                 since, tic = 0, time.perf_counter()
             every = cfg.checkpoint.every_steps
             if self.step == stage.end_step or (every and self.step % every == 0):
@@ -216,7 +227,8 @@ class Trainer:
         self.unwrapped.set_mask_ratio(stage.cfg.mask_ratio)
         set_weight_decay(self.optimizer, stage.cfg.weight_decay)
         self.stage = stage
-        self.batches = iter(self.make_loader(stage.batch_size, stage.sample_at(self.step)))
+        self.batches = None  # the old loader's workers go before the new one's start
+        self.batches = self.make_loader(stage.batch_size, self.data_position)
         sizes = {name: p.ds_numel if hasattr(p, "ds_numel") else p.numel() for name, p in self.unwrapped.named_parameters()}
         text = summary(stage, len(self.plan), sizes, scales, acc.num_processes, cfg.train.accum_freq)
         acc.print(text)
@@ -255,6 +267,7 @@ class Trainer:
         """The boundary: the full fp32 weights leave the finished stage's engine and seed the next."""
         weights = self.full_weights()
         stage = self.plan[self.stage.index + 1]
+        self.data_position = self.batches.position
         self.write_stage_weights(stage, weights)
         self.enter_stage(stage, weights)
 
@@ -286,6 +299,13 @@ class Trainer:
                 raise RuntimeError("a ZeRO-3 parameter that trains has no fp32 copy in the optimizer")
         return p
 
+    def data_counts(self) -> dict[str, int]:
+        """Samples read and skipped as undecodable since the run began, summed over ranks."""
+        local = self.batches.counts
+        totals = sum_across_ranks(torch.tensor([local["read"], local["skipped"]], dtype=torch.float64,
+                                               device=self.accelerator.device))
+        return {"read": int(totals[0].item()), "skipped": int(totals[1].item())}
+
     def optimizer_state_values(self) -> int:
         """Elements of the optimizer's per-parameter state (Adam's two moments), summed over ranks."""
         local = sum(t.numel() for state in self.optimizer.state.values() for t in state.values()
@@ -300,6 +320,7 @@ class Trainer:
             "stage": stage.index,
             "stage_name": stage.name,
             "samples_seen": stage.sample_at(self.step),
+            "data": gather_object([self.batches.position]),  # every rank's, in rank order
             "stage_weights": str(stage_weights_path(self.run_dir, stage.index, stage.name).relative_to(self.run_dir)),
             "frozen": sorted(name for name, _ in self.unwrapped.named_parameters() if name not in self.lr_scales),
             "plan": [s.describe() for s in self.plan[:stage.index + 1]],
@@ -358,7 +379,7 @@ class Trainer:
 
 def format_results(results: dict) -> str:
     """{"before"/"after": {set: {top1, chance_top1, ...}}} -> a small plain-text table."""
-    phases = [p for p in ("before", "after") if p in results]
+    phases = [p for p in ("before", "after") if results.get(p)]
     if not phases:
         return "no evaluation was run"
     sets = list(results[phases[-1]])

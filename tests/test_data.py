@@ -70,5 +70,8 @@ def test_loader_yields_model_ready_batches():
     # Normalised with CLIP's statistics: a mid-grey background sits near zero, not near 0.5.
     assert batch["pixel_values"].abs().mean() < 1.5
     collate = build_collator(cfg, tok)
-    again = collate([loader.dataset[i] for i in loader.batch_sampler.__iter__().__next__()])
+    first = next(iter(GlobalBatchSampler(cfg.synthetic.train_size, 6, seed=0)))
+    dataset = SyntheticShapes("train", cfg.synthetic.train_size, 32, seed=cfg.synthetic.seed)
+    again = collate([dataset[i] for i in first])
     assert torch.equal(again["pixel_values"], batch["pixel_values"])
+    assert loader.position == {"sample": 6}

@@ -20,7 +20,7 @@ def caption_ids(input_ids: torch.Tensor) -> torch.Tensor:
 
 
 class ImageTextCollator:
-    """Samples {"image": PIL, "text": str, "label"?: int, "image_id"?: int} -> a model-ready batch.
+    """Samples {"image": PIL or uint8 [3, H, W], "text": str, "label"?: int, "image_id"?: int} -> a model-ready batch.
 
     Normalising the whole uint8 batch at once is cheaper than per image in the workers.
     "caption_id" and "image_id" let the loss recognise false negatives (see losses.py).
@@ -31,7 +31,8 @@ class ImageTextCollator:
         self.mean, self.std = list(mean), list(std)
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        images = torch.stack([TF.pil_to_tensor(s["image"]) for s in samples])  # [b, 3, H, W] uint8
+        images = torch.stack([s["image"] if torch.is_tensor(s["image"]) else TF.pil_to_tensor(s["image"])
+                              for s in samples])  # [b, 3, H, W] uint8
         pixels = TF.normalize(TF.to_dtype(images, torch.float32, scale=True), self.mean, self.std)
         batch = {"pixel_values": pixels, **self.tokenizer([s["text"] for s in samples])}
         batch["caption_id"] = caption_ids(batch["input_ids"])

@@ -1,0 +1,283 @@
+"""Training samples from parquet shards: streamed through `datasets`, split across ranks and
+dataloader workers, shuffled in a buffer, mixed from several sources by weight, and resumable to
+the exact sample.
+
+Each (rank, worker) reads its own shards of each source: datasets' split_dataset_by_node gives a
+rank its shards, and iterating inside a DataLoader worker gives that worker its share of them.
+The rows come from a plain pyarrow generator that datasets shards by file (its parquet builder
+pauses 5 s whenever an iteration ends, a workaround for apache/arrow#45214, once per epoch).
+A worker's stream of a source is a pure function of (seed, epoch, rank, worker), since the shard
+order and the shuffle buffer's draws are seeded, so its position is two numbers per source: the
+epoch and the rows read in it. A resumed worker replays its streams up to there without decoding
+an image. (datasets' own state_dict would drop the samples waiting in the shuffle buffer.) The
+source of each sample is drawn by weight from a generator whose state is part of the position.
+Every batch carries its worker's position after it; the trainer checkpoints the position of the
+last batch it consumed, so batches prefetched but never trained on are read again on resume. The
+batches are taken from the workers in turn, and whose turn is next is part of the position too: a
+resumed run trains on the same batches at the same steps as one never interrupted.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from bisect import bisect
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from glob import glob
+from itertools import accumulate, islice
+from pathlib import Path
+from typing import Callable, Iterator
+
+import datasets
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from datasets.distributed import split_dataset_by_node
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from chinese_clip.config import ConfigError, DataConfig
+from chinese_clip.data.transforms import UndecodableImage, build_transform, decode, seeded
+
+COLUMNS = ["id", "caption", "image"]
+_SHARD_NAME = re.compile(r"shard-(\d{5})\.parquet")
+
+
+class DataError(RuntimeError):
+    """The data is worse than the run allows (data.max_bad_fraction); str() says what and where."""
+
+
+@dataclass(frozen=True)
+class ShardSource:
+    path: str
+    files: tuple[str, ...]  # the shards that hold rows, in name order
+    rows: int
+    weight: float
+
+
+def open_sources(cfg: DataConfig, readers: int, say: Callable[[str], None] = print) -> list[ShardSource]:
+    """data.shards, each checked now, so that a wrong path or a missing shard stops the run at start-up
+    and not hours in: the files exist, are parquet with the shard columns and, for a directory that
+    build_shards wrote, none is missing. `readers` (ranks x dataloader workers) each need a shard of
+    every source."""
+    sources = []
+    for entry in cfg.shards:
+        files = _shard_files(entry.path)
+        with ThreadPoolExecutor(16) as pool:  # footers only; on network storage the latency adds up
+            rows = list(pool.map(_rows_in_shard, files))
+        _check_complete(Path(entry.path), sum(rows))
+        kept = tuple(f for f, n in zip(files, rows) if n)
+        if len(kept) < readers:
+            raise ConfigError(f"{entry.path}: {len(kept)} shards hold rows, but {readers} readers (ranks x dataloader "
+                              "workers) each need their own; rebuild with a smaller --rows-per-shard or use fewer "
+                              "workers")
+        sources.append(ShardSource(entry.path, kept, sum(rows), entry.weight))
+        say(f"data: {entry.path}: {sum(rows):,} pairs in {len(kept)} shards, weight {entry.weight:g}")
+    return sources
+
+
+def _shard_files(path: str) -> list[str]:
+    if any(c in path for c in "*?["):
+        files = sorted(glob(path))
+        if not files:
+            raise ConfigError(f"data.shards: {path} matches no file")
+        return files
+    where = Path(path)
+    if where.is_file():
+        return [str(where)]
+    if not where.is_dir():
+        raise ConfigError(f"data.shards: {path}: no such file or directory")
+    named = sorted(where.glob("shard-*.parquet"))
+    files = named or sorted(where.glob("*.parquet"))
+    if not files:
+        raise ConfigError(f"data.shards: {path} holds no .parquet files; build them with data_tools/build_shards.py")
+    numbers = {int(m.group(1)) for f in named if (m := _SHARD_NAME.fullmatch(f.name))}
+    if missing := sorted(set(range(max(numbers) + 1)) - numbers) if numbers else []:
+        raise ConfigError(f"data.shards: {path} is missing shard-{missing[0]:05d}.parquet"
+                          + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    if unfinished := sorted(where.glob("shard-*.parquet.partial")):
+        raise ConfigError(f"data.shards: {path}: build_shards did not finish ({unfinished[0].name}); run it again to "
+                          "complete the build")
+    return [str(f) for f in files]
+
+
+def _rows_in_shard(file: str) -> int:
+    try:
+        meta = pq.ParquetFile(file)
+    except Exception as e:  # pyarrow raises several types for a file that is not parquet
+        raise ConfigError(f"data.shards: {file} is not a readable parquet file ({e})") from None
+    if missing := [c for c in COLUMNS if c not in meta.schema_arrow.names]:
+        raise ConfigError(f"data.shards: {file} has no {', '.join(missing)} column; training reads the shards that "
+                          "data_tools/build_shards.py writes")
+    return meta.metadata.num_rows
+
+
+def _check_complete(path: Path, rows: int) -> None:
+    """build_shards' summary counts what it wrote: fewer rows on disk means a shard went missing."""
+    summary = path / "summary.json" if path.is_dir() else None
+    if summary is not None and summary.is_file():
+        written = json.loads(summary.read_text())["written"]
+        if written != rows:
+            raise ConfigError(f"data.shards: {path}: build_shards wrote {written:,} pairs, the shards hold {rows:,}: "
+                              "a shard was removed or replaced")
+
+
+def _shard_rows(files: list[str]) -> Iterator[dict]:
+    """The rows of `files`, in order; datasets hands each reader a subset of the files."""
+    for file in files:
+        for batch in pq.ParquetFile(file).iter_batches(batch_size=256, columns=COLUMNS):
+            yield from batch.to_pylist()
+
+
+def image_id(data: bytes) -> int:
+    """Equal for byte-identical images, so duplicates in a batch are not each other's negatives."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
+
+
+class ShardStream(IterableDataset):
+    """This rank's endless stream of collated batches; each item is (batch, {worker, state, ids, skips})
+    with ids "<source index>:<shard row id>"
+    or, when the bad-sample limit is passed, (None, {worker, error})."""
+
+    def __init__(self, sources: list[ShardSource], cfg: DataConfig, collate, image_size: int, batch_size: int, *,
+                 rank: int, world_size: int, seed: int, start: dict[str, dict]):
+        datasets.disable_progress_bars()
+        self.sources, self.collate, self.batch_size = sources, collate, batch_size
+        self.rank, self.seed, self.start = rank, seed, start
+        self.max_bad_fraction, self.bad_check_after = cfg.max_bad_fraction, cfg.bad_check_after
+        self.transform = build_transform(cfg, image_size)
+        total = sum(s.weight for s in sources)
+        self.cumulative = list(accumulate(s.weight / total for s in sources))[:-1]
+        self.datasets = [
+            split_dataset_by_node(
+                datasets.IterableDataset.from_generator(_shard_rows, gen_kwargs={"files": list(s.files)})
+                .shuffle(seed=seed, buffer_size=cfg.shuffle_buffer),
+                rank=rank, world_size=world_size)
+            for s in sources]
+
+    def __iter__(self) -> Iterator[tuple[dict | None, dict]]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        state = copy.deepcopy(self.start.get(str(worker))) or {
+            "sources": [[0, 0] for _ in self.sources], "read": 0, "skipped": 0,
+            "rng": np.random.default_rng([self.seed, self.rank, worker]).bit_generator.state}
+        rng = np.random.default_rng()
+        rng.bit_generator.state = state["rng"]
+        streams = [self._rows(i, state) for i in range(len(self.sources))]
+        while True:
+            samples, ids, skips = [], [], []
+            while len(samples) < self.batch_size:
+                source = bisect(self.cumulative, rng.random())
+                epoch, row = next(streams[source])
+                state["read"] += 1
+                try:
+                    sample = self._sample(source, epoch, row)
+                except UndecodableImage as e:
+                    state["skipped"] += 1
+                    skips.append({"source": self.sources[source].path, "id": row["id"], "reason": str(e)})
+                    if state["read"] >= self.bad_check_after and state["skipped"] > self.max_bad_fraction * state["read"]:
+                        yield None, {"worker": worker, "error": self._too_many_bad(worker, state, skips[-1])}
+                        return
+                    continue
+                samples.append(sample)
+                ids.append(f"{source}:{row['id']}")  # shard ids repeat across sources
+            state["rng"] = rng.bit_generator.state
+            yield self.collate(samples), {"worker": worker, "state": copy.deepcopy(state), "ids": ids, "skips": skips}
+
+    def _rows(self, source: int, state: dict) -> Iterator[tuple[int, dict]]:
+        """This worker's rows of one source, epoch after epoch from the saved position, which it advances."""
+        dataset = self.datasets[source]
+        epoch, offset = state["sources"][source]
+        while True:
+            dataset.set_epoch(epoch)
+            for row in islice(iter(dataset), offset, None):  # the replay decodes nothing
+                offset += 1
+                state["sources"][source] = [epoch, offset]
+                yield epoch, row
+            if offset == 0:
+                raise RuntimeError(f"{self.sources[source].path}: a dataloader worker got no rows in epoch {epoch}")
+            epoch, offset = epoch + 1, 0
+            state["sources"][source] = [epoch, offset]
+
+    def _sample(self, source: int, epoch: int, row: dict) -> dict:
+        if not row["caption"]:
+            raise UndecodableImage("empty caption")
+        pixels = decode(row["image"])
+        # The crop depends on the sample and the epoch only: not on the rank or worker reading it,
+        # nor on whether the run was resumed in between.
+        key = hashlib.blake2b(f"{self.seed}/{source}/{epoch}/{row['id']}".encode(), digest_size=8).digest()
+        with seeded(int.from_bytes(key, "little") >> 1):
+            pixels = self.transform(pixels)
+        return {"image": pixels, "text": row["caption"], "image_id": image_id(row["image"])}
+
+    def _too_many_bad(self, worker: int, state: dict, last: dict) -> str:
+        return (f"{state['skipped']:,} of the {state['read']:,} samples that dataloader worker {worker} of rank "
+                f"{self.rank} read could not be used, more than data.max_bad_fraction={self.max_bad_fraction:g} "
+                f"(last: {last['id']} in {last['source']}: {last['reason']}). Shards from build_shards hold only "
+                "images it decoded: check the storage, or rebuild them")
+
+
+class ShardBatches:
+    """The trainer's side of the loader: batches, and where they leave the data (`position`)."""
+
+    def __init__(self, stream: ShardStream, num_workers: int, layout: dict, skip_log: Path | None,
+                 next_worker: int = 0):
+        self.layout, self.skip_log = layout, skip_log
+        self.workers: dict[str, dict] = copy.deepcopy(stream.start)
+        self.last_ids: list[str] = []
+        # A new DataLoader starts with worker 0; batches that come before their turn wait here.
+        self.turns, self.next_worker = max(1, num_workers), next_worker
+        self.waiting: dict[int, tuple[dict, dict]] = {}
+        # Its own generator: the DataLoader draws its workers' base seed, which must not come from the
+        # global RNG that a resumed run restores and continues.
+        self._batches = iter(DataLoader(stream, batch_size=None, num_workers=num_workers,
+                                        pin_memory=torch.cuda.is_available(), generator=torch.Generator()))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        while self.next_worker not in self.waiting:
+            batch, meta = next(self._batches)
+            if "error" in meta:
+                raise DataError(meta["error"])
+            self.waiting[meta["worker"]] = batch, meta
+        batch, meta = self.waiting.pop(self.next_worker)
+        self.next_worker = (self.next_worker + 1) % self.turns
+        self.workers[str(meta["worker"])] = meta["state"]
+        self.last_ids = meta["ids"]
+        if meta["skips"] and self.skip_log is not None:
+            self.skip_log.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.skip_log, "a", encoding="utf-8") as f:
+                f.writelines(json.dumps(skip, ensure_ascii=False) + "\n" for skip in meta["skips"])
+        return batch
+
+    @property
+    def position(self) -> dict:
+        return {"layout": self.layout, "workers": copy.deepcopy(self.workers), "next_worker": self.next_worker}
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Samples this rank's workers have read and skipped since the run began."""
+        return {key: sum(w[key] for w in self.workers.values()) for key in ("read", "skipped")}
+
+
+def stream_layout(sources: list[ShardSource], cfg: DataConfig, world_size: int, seed: int) -> dict:
+    """What the per-worker streams depend on: a position is only valid under the same layout."""
+    return {"world_size": world_size, "num_workers": cfg.num_workers, "seed": seed,
+            "shuffle_buffer": cfg.shuffle_buffer, "sources": [asdict(s) | {"files": len(s.files)} for s in sources]}
+
+
+def start_states(position: dict | None, layout: dict, reset: bool) -> tuple[dict[str, dict], int]:
+    """The saved worker states to continue from and the worker whose turn is next; none for a fresh stream."""
+    if not position:
+        return {}, 0
+    if position.get("layout") == layout:
+        return position["workers"], position["next_worker"]
+    if reset:
+        return {}, 0
+    raise ConfigError(f"the checkpoint's data position belongs to another data layout ({position.get('layout')}; "
+                      f"this run: {layout}): the per-worker streams differ, so continuing would repeat or skip "
+                      "samples. Resume with the same ranks, workers and shards, or set data.reset_position=true "
+                      "to restart the data stream")

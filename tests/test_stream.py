@@ -1,0 +1,180 @@
+"""Training from parquet shards: every sample once per epoch across ranks and workers, a resume that
+continues the exact sample sequence (ids and crops), weighted mixing, undecodable samples skipped
+and counted up to a limit, and every start-up error a user can make with shard paths."""
+import io
+import json
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as legacy
+
+from chinese_clip.config import ConfigError, DataConfig, ShardSourceConfig
+from chinese_clip.data.loaders import build_train_loader
+from chinese_clip.data.shards import build_shards
+from chinese_clip.data.stream import DataError, open_sources
+from chinese_clip.data.synthetic import synthetic_pairs
+from chinese_clip.data.transforms import build_transform, decode
+from chinese_clip.tokenizer import load_tokenizer
+
+TOKENIZER = load_tokenizer(None, 16)
+
+
+def make_shards(path, shards=4, rows=10, seed=0):
+    build_shards(synthetic_pairs(shards * rows, 32, seed=seed), path, rows_per_shard=rows)
+    return path
+
+
+def break_rows(shard, rows: dict[int, bytes]):
+    """Replace the image bytes of some rows, as a disk fault would after the build."""
+    table = pq.read_table(shard).to_pylist()
+    for index, data in rows.items():
+        table[index]["image"] = data
+    pq.write_table(pa.Table.from_pylist(table, schema=pq.read_schema(shard)), shard)
+
+
+def data_cfg(*paths, **overrides):
+    weights = overrides.pop("weights", [1.0] * len(paths))
+    fields = dict(source="shards", shards=[ShardSourceConfig(str(p), w) for p, w in zip(paths, weights)],
+                  batch_size=4, num_workers=2, shuffle_buffer=8, context_length=16)
+    return DataConfig(**(fields | overrides))
+
+
+def loader(cfg, rank=0, world_size=1, position=None, skip_log=None):
+    readers = world_size * max(1, cfg.num_workers)
+    return build_train_loader(cfg, TOKENIZER, 32, rank=rank, world_size=world_size, seed=0, position=position,
+                              sources=open_sources(cfg, readers, say=lambda _: None), skip_log=skip_log)
+
+
+def take(batches, n):
+    """n batches: the ids and pixels of each, and the position after them."""
+    out = [(next(batches), list(batches.last_ids)) for _ in range(n)]
+    return [ids for _, ids in out], [batch["pixel_values"] for batch, _ in out], batches.position
+
+
+def all_ids(path, source=0):
+    return sorted(f"{source}:{row['id']}" for shard in sorted(path.glob("shard-*.parquet")) for row in pq.read_table(shard).to_pylist())
+
+
+def test_two_ranks_with_two_workers_each_read_every_sample_once_per_epoch(tmp_path):
+    shards = make_shards(tmp_path / "a", shards=8, rows=10)
+    cfg = data_cfg(shards)
+    # each of the 4 readers holds 2 shards, 20 samples: 5 batches of 4, alternating between its rank's workers
+    ids = [i for rank in (0, 1) for batch in take(loader(cfg, rank, world_size=2), 10)[0] for i in batch]
+    assert sorted(ids) == all_ids(shards)
+    batch = next(loader(cfg))
+    assert batch["pixel_values"].shape == (4, 3, 32, 32) and batch["input_ids"].shape == (4, 16)
+    assert batch["image_id"].unique().numel() == 4
+
+
+def test_a_resumed_loader_continues_the_exact_sequence_of_samples_and_crops(tmp_path):
+    shards = make_shards(tmp_path / "a", shards=4, rows=10)
+    cfg = data_cfg(shards)
+    ids, pixels, _ = take(loader(cfg), 14)  # two workers x 20 samples: the second epoch starts at batch 11
+    first_ids, first_pixels, position = take(loader(cfg), 5)  # killed here: worker 0 is a batch ahead
+    json.dumps(position)  # it goes into trainer_state.json
+    rest_ids, rest_pixels, _ = take(loader(cfg, position=position), 9)
+    assert first_ids + rest_ids == ids
+    assert all(torch.equal(a, b) for a, b in zip(first_pixels + rest_pixels, pixels))
+    epoch = [i for batch in (first_ids + rest_ids)[:10] for i in batch]
+    assert sorted(epoch) == all_ids(shards)  # each sample of the epoch exactly once, across the kill
+    assert [i for batch in ids[10:] for i in batch] != epoch[:16]  # the next epoch is shuffled anew
+
+
+def test_crops_follow_the_sample_not_the_reader_and_leave_the_global_rng_alone(tmp_path):
+    shards = make_shards(tmp_path / "a", shards=2, rows=10)
+    cfg = data_cfg(shards, num_workers=0, crop_scale=(0.3, 0.5))
+    state = torch.get_rng_state()
+    ids, pixels, _ = take(loader(cfg), 5)
+    assert torch.equal(torch.get_rng_state(), state)  # dropout and FLIP masks draw from it
+    other_ids, other_pixels, _ = take(loader(cfg, rank=1, world_size=2), 2)  # its epoch 0: one shard of 10
+    by_id = {i: p for batch_ids, batch in zip(ids, pixels) for i, p in zip(batch_ids, batch)}
+    for batch_ids, batch in zip(other_ids, other_pixels):
+        for i, p in zip(batch_ids, batch):
+            assert torch.equal(p, by_id[i])
+
+
+def test_the_resize_transform_is_chinese_clips_square_bicubic(tmp_path):
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 80, 3), dtype=np.uint8))
+    data = io.BytesIO()
+    image.save(data, format="PNG")
+    ours = build_transform(DataConfig(transform="resize"), 32)(decode(data.getvalue()))
+    theirs = legacy.pil_to_tensor(legacy.resize(image, [32, 32], InterpolationMode.BICUBIC))  # cn_clip's eval transform
+    assert ours.shape == theirs.shape == (3, 32, 32) and ours.dtype == torch.uint8
+    assert (ours.float() - theirs.float()).abs().mean() < 3  # PIL and tensor bicubic round differently
+
+
+def test_sources_mix_by_weight_and_a_small_one_repeats(tmp_path):
+    big, small = make_shards(tmp_path / "big", shards=2, rows=40), make_shards(tmp_path / "small", 2, 5, seed=1)
+    cfg = data_cfg(big, small, weights=[3.0, 1.0], num_workers=0)
+    ids = [i for batch in take(loader(cfg), 50)[0] for i in batch]
+    from_small = Counter(i for i in ids if i.startswith("1:"))
+    share = sum(from_small.values()) / 200
+    assert 0.17 < share < 0.33, share  # 1/4 expected; binomial sd 0.03
+    assert set(from_small) == set(all_ids(small, source=1)) and max(from_small.values()) > 1
+
+
+def test_undecodable_samples_are_skipped_counted_and_logged(tmp_path):
+    shards = make_shards(tmp_path / "a", shards=2, rows=10)
+    shard = shards / "shard-00000.parquet"
+    ids = [row["id"] for row in pq.read_table(shard).to_pylist()]
+    good = pq.read_table(shard).to_pylist()[0]["image"]
+    break_rows(shard, {2: good[:len(good) // 2], 5: b"<html>not found</html>"})
+    cfg = data_cfg(shards, num_workers=1)
+    log = tmp_path / "skipped" / "rank-0.jsonl"
+    batches = loader(cfg, skip_log=log)
+    read = [i for batch in take(batches, 5)[0] for i in batch]  # the epoch's 18 good samples and 2 of the next
+    assert f"0:{ids[2]}" not in read and f"0:{ids[5]}" not in read
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert {d["id"]: d["reason"] for d in lines} == {ids[2]: "does not decode: Image is incomplete or truncated",
+                                                     ids[5]: "does not decode: Unsupported image file"}
+    assert batches.counts == {"read": 20 + len(lines), "skipped": len(lines)}  # the next epoch may hit them again
+
+
+def test_too_many_undecodable_samples_stop_the_run_with_the_reason(tmp_path):
+    shards = make_shards(tmp_path / "a", shards=2, rows=10)
+    break_rows(shards / "shard-00001.parquet", {i: b"" for i in range(4)})
+    cfg = data_cfg(shards, num_workers=0, max_bad_fraction=0.1, bad_check_after=12)
+    with pytest.raises(DataError, match=r"of the \d+ samples .* data.max_bad_fraction=0.1 .*empty image"):
+        take(loader(cfg), 10)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "shard-00001.parquet").unlink(), "missing shard-00001.parquet"),
+    (lambda d: (d / "shard-00003.parquet").unlink(), "build_shards wrote 40 pairs, the shards hold 30"),
+    (lambda d: (d / "shard-00002.parquet.partial").write_bytes(b""), "did not finish"),
+    (lambda d: (d / "shard-00002.parquet").write_bytes(b"PAR1 nonsense"), "not a readable parquet file"),
+    (lambda d: pq.write_table(pa.table({"text": ["x"]}), d / "shard-00002.parquet"), "has no id, caption, image"),
+])
+def test_a_damaged_shard_directory_is_refused_at_start_up(tmp_path, damage, message):
+    shards = make_shards(tmp_path / "a")
+    damage(shards)
+    with pytest.raises(ConfigError, match=message):
+        open_sources(data_cfg(shards), readers=1, say=lambda _: None)
+
+
+def test_shard_paths_and_counts_are_checked_at_start_up(tmp_path):
+    shards = make_shards(tmp_path / "a", shards=3)
+    quiet = lambda _: None  # noqa: E731
+    with pytest.raises(ConfigError, match="no such file or directory"):
+        open_sources(data_cfg(tmp_path / "nowhere"), 1, quiet)
+    with pytest.raises(ConfigError, match="matches no file"):
+        open_sources(data_cfg(tmp_path / "a" / "*.arrow"), 1, quiet)
+    with pytest.raises(ConfigError, match="3 shards hold rows, but 4 readers"):
+        open_sources(data_cfg(shards), 4, quiet)
+    [source] = open_sources(data_cfg(tmp_path / "a" / "shard-0000[12].parquet"), 2, quiet)
+    assert (len(source.files), source.rows) == (2, 20)
+
+
+def test_a_position_from_another_layout_is_refused_unless_reset(tmp_path):
+    shards = make_shards(tmp_path / "a", shards=4)
+    _, _, position = take(loader(data_cfg(shards)), 3)
+    with pytest.raises(ConfigError, match="another data layout"):
+        loader(data_cfg(shards, num_workers=1), position=position)
+    fresh = take(loader(data_cfg(shards, num_workers=1)), 2)[0]
+    assert take(loader(data_cfg(shards, num_workers=1, reset_position=True), position=position), 2)[0] == fresh
