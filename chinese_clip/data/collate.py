@@ -22,18 +22,23 @@ def caption_ids(input_ids: torch.Tensor) -> torch.Tensor:
 class ImageTextCollator:
     """Samples {"image": PIL or uint8 [3, H, W], "text": str, "label"?: int, "image_id"?: int} -> a model-ready batch.
 
-    Normalising the whole uint8 batch at once is cheaper than per image in the workers.
+    Images arrive as uint8 (decoding and resizing stay in 8 bits) and become floats only here.
     "caption_id" and "image_id" let the loss recognise false negatives (see losses.py).
     """
 
     def __init__(self, tokenizer: ChineseTokenizer, mean: tuple[float, ...], std: tuple[float, ...]):
         self.tokenizer = tokenizer
-        self.mean, self.std = list(mean), list(std)
+        # (x / 255 - mean) / std as (x - 255 mean) x 1 / (255 std): two in-place passes per image
+        self.shift = (255 * torch.tensor(mean)).view(3, 1, 1)
+        self.scale = (1 / (255 * torch.tensor(std))).view(3, 1, 1)
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        images = torch.stack([s["image"] if torch.is_tensor(s["image"]) else TF.pil_to_tensor(s["image"])
-                              for s in samples])  # [b, 3, H, W] uint8
-        pixels = TF.normalize(TF.to_dtype(images, torch.float32, scale=True), self.mean, self.std)
+        images = [s["image"] if torch.is_tensor(s["image"]) else TF.pil_to_tensor(s["image"]) for s in samples]
+        # Converted image by image into the batch, while each is still in cache: 2.5x faster than
+        # stacking, converting and normalising the whole batch (bench/data_throughput.py).
+        pixels = torch.empty((len(images), *images[0].shape), dtype=torch.float32)
+        for out, image in zip(pixels, images):
+            out.copy_(image).sub_(self.shift).mul_(self.scale)
         batch = {"pixel_values": pixels, **self.tokenizer([s["text"] for s in samples])}
         batch["caption_id"] = caption_ids(batch["input_ids"])
         for key in ("label", "image_id"):
