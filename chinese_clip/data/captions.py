@@ -2,7 +2,7 @@
 
 `normalise_caption` undoes what crawling leaves in alt texts (HTML tags and entities, URLs,
 full-width Latin and digits, curly quotes, runs of whitespace); `caption_problem` says why a
-normalised caption teaches nothing (no Chinese at all, too few words, too long), counting words
+normalised caption teaches nothing (emoji only, no Chinese at all, too few words, too long), counting words
 with jieba as Chinese has no spaces.
 """
 from __future__ import annotations
@@ -19,6 +19,8 @@ HTML_TAG = re.compile(r"<[^<>]{1,200}>")
 CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 QUOTES = str.maketrans({"“": '"', "”": '"', "„": '"', "«": '"', "»": '"', "‘": "'", "’": "'", "「": '"', "」": '"',
                         "『": '"', "』": '"'})
+# Pictographs, dingbats, flags, variation selectors and joiners: what an emoji-only caption is made of.
+EMOJI = re.compile(r"[\U0001F000-\U0001FAFF\u2600-\u27BF\u2B00-\u2BFF\uFE0F\u200D\u20E3]")
 WORD = re.compile(r"\w", re.UNICODE)  # a jieba token with a letter, digit or CJK character in it is a word
 
 jieba.setLogLevel(60)  # its dictionary-loading chatter would fill every worker's log
@@ -51,6 +53,8 @@ def caption_problem(text: str, rules: CaptionRules = CaptionRules()) -> str | No
         return "empty caption"
     if len(text) > rules.max_chars:
         return f"too long: {len(text)} characters"
+    if not EMOJI.sub("", text).strip():
+        return "emoji only"
     if rules.require_cjk and not CJK.search(text):
         return "no Chinese characters"
     count = len(words(text))
