@@ -5,11 +5,9 @@
 from __future__ import annotations
 
 import argparse
-import base64
-import html
-import io
 from pathlib import Path
 
+from chinese_clip.data.report import sample_page
 from chinese_clip.data.synthetic import SPLITS, SyntheticShapes, class_name
 
 
@@ -23,18 +21,10 @@ def main() -> None:
     args = parser.parse_args()
 
     dataset = SyntheticShapes(args.split, args.count, args.image_size, seed=args.seed)
-    cells = []
-    for sample in dataset:
-        buffer = io.BytesIO()
-        sample["image"].resize((128, 128)).save(buffer, format="PNG")
-        data = base64.b64encode(buffer.getvalue()).decode()
-        cells.append(f'<figure><img src="data:image/png;base64,{data}"><figcaption>{html.escape(sample["text"])}'
-                     f'<br><small>{class_name(sample["label"])}</small></figcaption></figure>')
-    page = ("<!doctype html><meta charset='utf-8'><title>synthetic samples</title>"
-            "<style>body{display:flex;flex-wrap:wrap;font-family:sans-serif}figure{width:140px;margin:6px}</style>"
-            + "".join(cells))
+    page = sample_page(((s["image"].resize((128, 128)), s["text"], class_name(s["label"])) for s in dataset),
+                       "synthetic samples")
     args.out.write_text(page, encoding="utf-8")
-    print(f"wrote {len(cells)} {args.split} samples to {args.out}")
+    print(f"wrote {len(dataset)} {args.split} samples to {args.out}")
 
 
 if __name__ == "__main__":
