@@ -191,3 +191,13 @@ def test_webdataset_tars_and_parquet_files_are_read(tmp_path):
     pq.write_table(pa.table({"url": ["x"]}), tmp_path / "bad.parquet")
     with pytest.raises(ValueError, match=r"bad.parquet: expected an image column"):
         list(read_pairs(tmp_path / "bad.parquet"))
+
+
+def test_a_quoted_csv_field_may_span_lines_and_a_bad_row_does_not_take_its_neighbours(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(encoded(photo(), "JPEG"))
+    (tmp_path / "pairs.csv").write_bytes("text,image_path\n\"一只猫,\n趴在窗台上\",a.jpg\n".encode()
+                                         + b"\xff\xfe broken,a.jpg\n" + "\"最后\"\"一行\"\"\",a.jpg\n".encode())
+    pairs = list(read_pairs(tmp_path / "pairs.csv"))
+    assert [(p.key, p.caption, p.problem) for p in pairs] == [
+        ("pairs.csv:2", "一只猫,\n趴在窗台上", None), ("pairs.csv:4", None, "invalid UTF-8 in pairs.csv:4"),
+        ("pairs.csv:5", '最后"一行"', None)]

@@ -5,7 +5,8 @@ caption) comes out as a RawPair with `problem` set, so that the shard builder ca
 every input, either in a shard or in its quarantine report.
 
     table    CSV / TSV / jsonl with a caption column (text, caption) and an image column
-             (image_path, image, filepath, file), paths relative to the table's directory
+             (image_path, image, filepath, file), paths relative to the table's directory;
+             CSV fields may be quoted and span lines
     cn_clip  Chinese-CLIP's `{split}_imgs.tsv` (image_id <TAB> base64) + `{split}_texts.jsonl`
     lmdb     Chinese-CLIP's LMDB directory (`imgs/`, `pairs/`), as its build_lmdb_dataset.py writes
     folder   images with a caption file beside each (cat.jpg + cat.txt)
@@ -18,8 +19,10 @@ from __future__ import annotations
 
 import base64
 import csv
+import io
 import json
 import pickle
+import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +30,7 @@ from typing import Iterator
 
 CAPTION_COLUMNS = ("text", "caption")
 IMAGE_COLUMNS = ("image_path", "image", "filepath", "file")
+UNDECODED = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, kept by errors="surrogateescape"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 
@@ -89,21 +93,23 @@ def read_table(path: Path) -> Iterator[RawPair]:
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[str, dict | None, str | None]]:
-    lines = path.read_bytes().splitlines()
-    if not lines:
-        return
-    header, problem = _decode_line(lines[0], f"{path.name}:1")
-    if problem:
-        raise ValueError(f"{path}: the header line is not UTF-8")
+    """Rows as the csv module reads them (a quoted field may hold newlines), keyed by their first line.
+    Undecodable bytes survive as surrogates, so a row holding any is reported and the rest still read."""
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    columns = next(csv.reader([header], delimiter=delimiter))
-    for number, raw in enumerate(lines[1:], start=2):
-        where = f"{path.name}:{number}"
-        text, problem = _decode_line(raw, where)
-        if problem:
-            yield where, None, problem
-        elif text.strip():
-            yield where, dict(zip(columns, next(csv.reader([text], delimiter=delimiter)))), None
+    text = path.read_bytes().decode("utf-8", errors="surrogateescape")
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    columns = next(reader, None)
+    if columns is None:
+        return
+    if any(UNDECODED.search(c) for c in columns):
+        raise ValueError(f"{path}: the header line is not UTF-8")
+    first_line = reader.line_num + 1
+    for fields in reader:
+        where, first_line = f"{path.name}:{first_line}", reader.line_num + 1
+        if any(UNDECODED.search(f) for f in fields):
+            yield where, None, f"invalid UTF-8 in {where}"
+        elif any(f.strip() for f in fields):
+            yield where, dict(zip(columns, fields)), None
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict | None, str | None]]:
