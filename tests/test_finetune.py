@@ -101,3 +101,35 @@ def test_pretraining_starts_its_towers_from_timm_and_hf_bert_files(tmp_path):
     assert all(torch.equal(start[f"text.{name}"], value) for name, value in bert.state_dict().items()
                if not name.startswith("pooler."))
     assert "(not used: pooler.dense.bias, pooler.dense.weight)" in result.stdout  # CLIP reads [CLS], not the pooler
+
+
+def test_the_muge_preset_fine_tunes_a_cn_clip_checkpoint_on_shards_of_chinese_clips_layout(tmp_path):
+    """The preset as shipped, on a tiny generated dataset in MUGE's layout (several images per query)
+    turned into shards, shortened to 3 steps: the data path a user runs, end to end."""
+    import base64
+
+    from chinese_clip.data.images import encode_jpeg
+    from chinese_clip.data.synthetic import SyntheticShapes
+
+    raw = tmp_path / "MUGE"
+    raw.mkdir()
+    images = SyntheticShapes("train", 24, 64)
+    (raw / "train_imgs.tsv").write_text("".join(f"{i}\t{base64.urlsafe_b64encode(encode_jpeg(images[i]['image'])).decode()}\n"
+                                                for i in range(24)))
+    (raw / "train_texts.jsonl").write_text("".join(
+        json.dumps({"text_id": q, "text": images[2 * q]["text"], "image_ids": [2 * q, 2 * q + 1]}, ensure_ascii=False)
+        + "\n" for q in range(12)), encoding="utf-8")
+    shards = tmp_path / "shards"
+    build = subprocess.run([sys.executable, str(ROOT / "data_tools" / "build_shards.py"), str(raw), "--out", str(shards),
+                            "--rows-per-shard", "6", "--workers", "1"], capture_output=True, text=True, cwd=ROOT)
+    assert build.returncode == 0 and "written to shards                       24" in build.stdout, build.stdout
+    run_dir = tmp_path / "run"
+    result = subprocess.run([sys.executable, FINETUNE, "--pretrained", str(cn_clip_checkpoint(tmp_path / "tiny.pt")),
+                             "--config", str(ROOT / "recipes" / "configs" / "muge_vit_b16_finetune.yaml"),
+                             f"data.shards=[{{path: {shards}}}]", "stages.0.samples=24", "data.batch_size=8",
+                             "data.num_workers=2", "train.log_every=1", f"run.output_dir={run_dir}"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["data/samples_read"] for m in logged if "train/loss" in m] == [8, 16, 24]
+    assert load_pretrained(run_dir / "model").cfg.vision.image_size == 64
