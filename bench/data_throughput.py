@@ -79,7 +79,7 @@ def images_per_s(batches, batch_size: int, count: int) -> float:
 def ours(shards: Path, size: int, batch: int, workers: int, transform: str, count: int) -> float:
     cfg = DataConfig(source="shards", shards=[ShardSourceConfig(str(shards))], batch_size=batch,
                      num_workers=workers, transform=transform, context_length=52)
-    sources = open_sources(cfg, max(1, workers), say=lambda _: None)
+    sources = open_sources(cfg, 1, say=lambda _: None)
     loader = build_train_loader(cfg, load_tokenizer(None, 52), size, rank=0, world_size=1, seed=0, sources=sources)
     return images_per_s(loader, batch, count)
 

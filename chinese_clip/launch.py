@@ -28,8 +28,8 @@ def train(config: str, overrides: list[str]) -> dict:
         # A pretrained model's file is read here: its architecture becomes cfg.model.
         init_weights = prepare_init(cfg, accelerator.print)
         # Every shard is looked at now: a missing one is an error before training, not hours in.
-        readers = accelerator.num_processes * max(1, cfg.data.num_workers)
-        sources = open_sources(cfg.data, readers, accelerator.print) if cfg.data.source == "shards" else None
+        sources = open_sources(cfg.data, accelerator.num_processes, accelerator.print) \
+            if cfg.data.source == "shards" else None
     except ConfigError as e:
         fail(e)
     # Each process draws its own dropout and FLIP masks (the initial weights are seeded apart, the

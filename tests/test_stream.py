@@ -46,9 +46,8 @@ def data_cfg(*paths, **overrides):
 
 
 def loader(cfg, rank=0, world_size=1, position=None, skip_log=None):
-    readers = world_size * max(1, cfg.num_workers)
     return build_train_loader(cfg, TOKENIZER, 32, rank=rank, world_size=world_size, seed=0, position=position,
-                              sources=open_sources(cfg, readers, say=lambda _: None), skip_log=skip_log)
+                              sources=open_sources(cfg, world_size, say=lambda _: None), skip_log=skip_log)
 
 
 def take(batches, n):
@@ -155,7 +154,7 @@ def test_a_damaged_shard_directory_is_refused_at_start_up(tmp_path, damage, mess
     shards = make_shards(tmp_path / "a")
     damage(shards)
     with pytest.raises(ConfigError, match=message):
-        open_sources(data_cfg(shards), readers=1, say=lambda _: None)
+        open_sources(data_cfg(shards), world_size=1, say=lambda _: None)
 
 
 def test_shard_paths_and_counts_are_checked_at_start_up(tmp_path):
@@ -166,9 +165,12 @@ def test_shard_paths_and_counts_are_checked_at_start_up(tmp_path):
     with pytest.raises(ConfigError, match="matches no file"):
         open_sources(data_cfg(tmp_path / "a" / "*.arrow"), 1, quiet)
     with pytest.raises(ConfigError, match="3 shards hold rows, but 4 readers"):
-        open_sources(data_cfg(shards), 4, quiet)
-    [source] = open_sources(data_cfg(tmp_path / "a" / "shard-0000[12].parquet"), 2, quiet)
+        open_sources(data_cfg(shards), 2, quiet)  # 2 ranks x 2 workers
+    [source] = open_sources(data_cfg(tmp_path / "a" / "shard-0000[12].parquet"), 1, quiet)
     assert (len(source.files), source.rows) == (2, 20)
+    said = []
+    open_sources(data_cfg(shards, num_workers=1), 2, said.append)
+    assert said[-1].startswith("data: 3 shards are not a multiple of 2 ranks: every rank reads all of them")
 
 
 def test_a_position_from_another_layout_is_refused_unless_reset(tmp_path):

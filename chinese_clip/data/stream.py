@@ -38,7 +38,7 @@ from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from chinese_clip.config import ConfigError, DataConfig
-from chinese_clip.data.transforms import UndecodableImage, build_transform, decode, seeded
+from chinese_clip.data.transforms import UnusableSample, build_transform, decode, seeded
 
 COLUMNS = ["id", "caption", "image"]
 _SHARD_NAME = re.compile(r"shard-(\d{5})\.parquet")
@@ -56,11 +56,12 @@ class ShardSource:
     weight: float
 
 
-def open_sources(cfg: DataConfig, readers: int, say: Callable[[str], None] = print) -> list[ShardSource]:
+def open_sources(cfg: DataConfig, world_size: int, say: Callable[[str], None] = print) -> list[ShardSource]:
     """data.shards, each checked now, so that a wrong path or a missing shard stops the run at start-up
     and not hours in: the files exist, are parquet with the shard columns and, for a directory that
-    build_shards wrote, none is missing. `readers` (ranks x dataloader workers) each need a shard of
+    build_shards wrote, none is missing. Each reader (rank x dataloader worker) needs a shard of
     every source."""
+    readers = world_size * max(1, cfg.num_workers)
     sources = []
     for entry in cfg.shards:
         files = _shard_files(entry.path)
@@ -74,6 +75,9 @@ def open_sources(cfg: DataConfig, readers: int, say: Callable[[str], None] = pri
                               "workers")
         sources.append(ShardSource(entry.path, kept, sum(rows), entry.weight))
         say(f"data: {entry.path}: {sum(rows):,} pairs in {len(kept)} shards, weight {entry.weight:g}")
+        if len(kept) % world_size:  # datasets then splits by rows instead of by shards
+            say(f"data: {len(kept)} shards are not a multiple of {world_size} ranks: every rank reads all of them and "
+                f"keeps 1 row in {world_size}; a multiple would read {world_size}x less")
     return sources
 
 
@@ -93,7 +97,8 @@ def _shard_files(path: str) -> list[str]:
     if not files:
         raise ConfigError(f"data.shards: {path} holds no .parquet files; build them with data_tools/build_shards.py")
     numbers = {int(m.group(1)) for f in named if (m := _SHARD_NAME.fullmatch(f.name))}
-    if missing := sorted(set(range(max(numbers) + 1)) - numbers) if numbers else []:
+    missing = sorted(set(range(max(numbers) + 1)) - numbers) if numbers else []
+    if missing:
         raise ConfigError(f"data.shards: {path} is missing shard-{missing[0]:05d}.parquet"
                           + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
     if unfinished := sorted(where.glob("shard-*.parquet.partial")):
@@ -173,7 +178,7 @@ class ShardStream(IterableDataset):
                 state["read"] += 1
                 try:
                     sample = self._sample(source, epoch, row)
-                except UndecodableImage as e:
+                except UnusableSample as e:
                     state["skipped"] += 1
                     skips.append({"source": self.sources[source].path, "id": row["id"], "reason": str(e)})
                     if state["read"] >= self.bad_check_after and state["skipped"] > self.max_bad_fraction * state["read"]:
@@ -202,7 +207,7 @@ class ShardStream(IterableDataset):
 
     def _sample(self, source: int, epoch: int, row: dict) -> dict:
         if not row["caption"]:
-            raise UndecodableImage("empty caption")
+            raise UnusableSample("empty caption")
         pixels = decode(row["image"])
         # The crop depends on the sample and the epoch only: not on the rank or worker reading it,
         # nor on whether the run was resumed in between.

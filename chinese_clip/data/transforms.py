@@ -16,20 +16,20 @@ from torchvision.transforms import v2
 from chinese_clip.config import DataConfig
 
 
-class UndecodableImage(ValueError):
-    """str() is the reason, for skip counters and logs."""
+class UnusableSample(ValueError):
+    """A training sample to skip; str() is the reason, for skip counters and logs."""
 
 
 def decode(data: bytes) -> torch.Tensor:
-    """[3, H, W] uint8 RGB, or UndecodableImage."""
+    """[3, H, W] uint8 RGB, or UnusableSample."""
     if not data:
-        raise UndecodableImage("empty image")
+        raise UnusableSample("empty image")
     try:
         return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError as e:
         # "decode_jpeg, <source file>:171, Image is incomplete or truncated": keep the reason's first sentence.
         reason = re.sub(r"^\w+, \S+:\d+, ", "", str(e).strip()).split(". ")[0]
-        raise UndecodableImage(f"does not decode: {reason}") from None
+        raise UnusableSample(f"does not decode: {reason}") from None
 
 
 def build_transform(cfg: DataConfig, image_size: int):
