@@ -59,7 +59,8 @@ def run_until_checkpoint(cmd: list[str], run_dir: Path, step: int) -> None:
         process = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 600
         while not done.exists():
-            assert process.poll() is None, f"the run ended before checkpoint {step}"
+            assert process.poll() is None, \
+                f"the run ended before checkpoint {step}:\n{log_of(run_dir).read_text()[-3000:]}"
             assert time.monotonic() < deadline
             time.sleep(0.02)
         parent = psutil.Process(process.pid)
@@ -85,7 +86,7 @@ def kill_twice_then_finish(cmd: list[str], run_dir: Path) -> None:
     run_until_checkpoint(cmd, run_dir, step=6)
     final = run_to_end(cmd)
     first, second = resumed_steps(log_of(run_dir).read_text()) + resumed_steps(final)
-    assert 2 <= first < 6 and 6 <= second < 10, (first, second)
+    assert 2 <= first < 6 and 6 <= second < 10, (first, second, log_of(run_dir).read_text()[-3000:])
 
 
 def metrics(run_dir: Path) -> list[dict]:
