@@ -1,0 +1,118 @@
+"""A retrieval evaluation set in Chinese-CLIP's layout, and its features from a model.
+
+    {split}_imgs.tsv      image_id <TAB> base64 image (one line per image)
+    {split}_texts.jsonl   {"text_id": ..., "text": "...", "image_ids": [...]} (one line per text)
+
+Every malformed line is an error that names the file, the line and the id, before any feature is
+computed: a text pointing at an image the tsv lacks would otherwise silently lower recall.
+Features are computed by every rank on its share of the texts and images and gathered in order.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from tqdm import tqdm
+
+from chinese_clip.data.collate import ImageTextCollator
+from chinese_clip.data.transforms import UnusableSample, decode
+from chinese_clip.distributed import gather_without_grad, rank, world_size
+from chinese_clip.model import ChineseCLIP
+
+
+URL_SAFE = str.maketrans("-_", "+/")
+
+
+@dataclass
+class RetrievalSet:
+    image_ids: list[str]
+    images: list[bytes]  # encoded
+    text_ids: list
+    texts: list[str]
+    text_to_images: list[list[int]]  # indices into images
+
+
+def read_retrieval_set(directory: str | Path, split: str) -> RetrievalSet:
+    directory = Path(directory)
+    tsv, jsonl = directory / f"{split}_imgs.tsv", directory / f"{split}_texts.jsonl"
+    for path in (tsv, jsonl):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file (expected Chinese-CLIP's {split}_imgs.tsv + {split}_texts.jsonl)")
+    index: dict[str, int] = {}
+    images: list[bytes] = []
+    for number, line in enumerate(tsv.read_text(encoding="utf-8").splitlines(), start=1):
+        image_id, tab, b64 = line.partition("\t")
+        if not tab:
+            raise ValueError(f"{tsv}:{number}: expected image_id<TAB>base64")
+        if image_id in index:
+            raise ValueError(f"{tsv}:{number}: image {image_id} appears twice")
+        try:  # either alphabet: Chinese-CLIP writes URL-safe base64, other tools the standard one
+            images.append(base64.b64decode(b64.strip().translate(URL_SAFE), validate=True))
+        except (binascii.Error, ValueError):
+            raise ValueError(f"{tsv}:{number}: image {image_id} is not valid base64") from None
+        index[image_id] = len(index)
+    text_ids, texts, matches = [], [], []
+    for number, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            text_id, text, image_ids = row["text_id"], row["text"], row["image_ids"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"{jsonl}:{number}: expected a JSON object with text_id, text and image_ids") from None
+        if not image_ids:
+            raise ValueError(f"{jsonl}:{number}: text {text_id} has no image_ids")
+        if missing := [i for i in image_ids if str(i) not in index]:
+            raise ValueError(f"{jsonl}:{number}: text {text_id} names image {missing[0]}, which {tsv.name} does not have")
+        text_ids.append(text_id)
+        texts.append(text)
+        matches.append([index[str(i)] for i in image_ids])
+    if not texts:
+        raise ValueError(f"{jsonl}: no texts")
+    return RetrievalSet(list(index), images, text_ids, texts, matches)
+
+
+@torch.no_grad()
+def encode_sharded(count: int, encode_batch: Callable[[list[int]], torch.Tensor], batch_size: int,
+                   desc: str) -> torch.Tensor:
+    """[count, D]: rank r encodes items r, r + W, ...; every rank makes the same number of forward calls
+    (a forward is collective under ZeRO-3), padding its share with a repeat that is dropped."""
+    share = list(range(rank(), count, world_size()))
+    per_rank = math.ceil(count / world_size())
+    padded = share + [share[0] if share else 0] * (per_rank - len(share))
+    batches = range(0, per_rank, batch_size)
+    local = torch.cat([encode_batch(padded[s:s + batch_size]).float()
+                       for s in tqdm(batches, desc=desc, disable=rank() != 0, mininterval=1.0)])  # [per_rank, D]
+    gathered = gather_without_grad(local)  # rank-major: rank r's rows at [r * per_rank, (r + 1) * per_rank)
+    return gathered[[(i % world_size()) * per_rank + i // world_size() for i in range(count)]]
+
+
+def retrieval_features(model: ChineseCLIP, data: RetrievalSet, collator: ImageTextCollator, transform,
+                       device: torch.device, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(text features [T, D], image features [I, D]), L2-normalised, on the CPU. Texts go through the
+    collator's tokenizer, images through `transform` and its normalisation."""
+    def images(indices: Sequence[int]) -> torch.Tensor:
+        pixels = []
+        for i in indices:
+            try:
+                pixels.append(transform(decode(data.images[i])))
+            except UnusableSample as e:
+                raise ValueError(f"image {data.image_ids[i]}: {e}") from None
+        return model.encode_image(collator.pixel_batch(pixels).to(device))
+
+    def texts(indices: Sequence[int]) -> torch.Tensor:
+        tokens = {k: v.to(device) for k, v in collator.tokenizer([data.texts[i] for i in indices]).items()}
+        return model.encode_text(tokens["input_ids"], tokens["attention_mask"])
+
+    was_training = model.training
+    model.eval()
+    text_features = encode_sharded(len(data.texts), texts, batch_size, "texts").cpu()
+    image_features = encode_sharded(len(data.images), images, batch_size, "images").cpu()
+    model.train(was_training)
+    return text_features, image_features
