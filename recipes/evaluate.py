@@ -1,0 +1,71 @@
+"""Chinese zero-shot evaluation of any model `load_pretrained` reads.
+
+    python recipes/evaluate.py --model <.pt | HF dir | our model dir> --retrieval <dir>[:split] [...] \
+        [--out results/] [--batch-size 256] [--save-features]
+    accelerate launch --num_processes 8 recipes/evaluate.py ...   # features computed across ranks
+
+--retrieval takes a dataset in Chinese-CLIP's layout ({split}_imgs.tsv + {split}_texts.jsonl; split
+"valid" unless given after a colon) and may be repeated. The scores (text->image and image->text
+R@1/5/10 and their mean, in %) go to results.json and results.md in --out and are printed as a
+table. --save-features also writes the features in Chinese-CLIP's jsonl format under
+--out/features/<set>/, for its own make_topk_predictions*.py and evaluation*.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from chinese_clip.checkpoints import load_pretrained, pretrained_vocab
+from chinese_clip.config import ConfigError, DataConfig, TrainConfig
+from chinese_clip.data.loaders import build_collator
+from chinese_clip.evaluation.tasks import evaluate_retrieval, markdown_table
+from chinese_clip.runtime import build_accelerator
+from chinese_clip.tokenizer import load_tokenizer
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--model-name", help="a Chinese-CLIP architecture for a .pt (ViT-B-16, ViT-H-14, ...)")
+    parser.add_argument("--retrieval", action="append", default=[], metavar="DIR[:SPLIT]")
+    parser.add_argument("--out", type=Path, default=Path("results"))
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--context-length", type=int, default=52)
+    parser.add_argument("--save-features", action="store_true")
+    args = parser.parse_args(argv)
+    if not args.retrieval:
+        parser.error("name at least one evaluation set (--retrieval)")
+    accelerator = build_accelerator(TrainConfig(), args.out)
+    try:
+        model = load_pretrained(args.model, args.model_name).to(accelerator.device)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    accelerator.print(f"model: {args.model}  processes: {accelerator.num_processes}  device: {accelerator.device}")
+    collator = build_collator(DataConfig(), load_tokenizer(pretrained_vocab(args.model), args.context_length))
+    results = {}
+    for entry in args.retrieval:
+        directory, _, split = entry.partition(":")
+        name = f"{Path(directory).name}/{split or 'valid'}"
+        features = args.out / "features" / name if args.save_features else None
+        try:
+            with torch.no_grad(), accelerator.autocast():
+                results[name] = evaluate_retrieval(model, directory, split or "valid", collator, accelerator.device,
+                                                   args.batch_size, features)
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(f"error: {name}: {e}")
+    if accelerator.is_main_process:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps({"model": args.model, "results": results}, indent=2,
+                                                          ensure_ascii=False))
+        table = markdown_table(results)
+        (args.out / "results.md").write_text(f"model: {args.model}\n\n{table}\n", encoding="utf-8")
+        print(table)
+    return results
+
+
+if __name__ == "__main__":
+    main()
