@@ -141,9 +141,8 @@ def image_id(data: bytes) -> int:
 
 
 class ShardStream(IterableDataset):
-    """This rank's endless stream of collated batches; each item is (batch, {worker, state, ids, skips})
-    with ids "<source index>:<shard row id>"
-    or, when the bad-sample limit is passed, (None, {worker, error})."""
+    """This rank's endless stream of collated batches: (batch, {worker, state, ids, skips}) with ids
+    "<source index>:<shard row id>", or (None, {worker, error}) once the bad-sample limit is passed."""
 
     def __init__(self, sources: list[ShardSource], cfg: DataConfig, collate, image_size: int, batch_size: int, *,
                  rank: int, world_size: int, seed: int, start: dict[str, dict]):
