@@ -1,7 +1,7 @@
 """Chinese zero-shot evaluation of any model `load_pretrained` reads.
 
-    python recipes/evaluate.py --model <.pt | HF dir | our model dir> --retrieval <dir>[:split] [...] \
-        [--out results/] [--batch-size 256] [--save-features]
+    python recipes/evaluate.py --model <.pt | HF dir | our model dir> [--retrieval <dir>[:split] ...] \
+        [--classification <folder> ...] [--templates FILE] [--out results/] [--batch-size 256] [--save-features]
     accelerate launch --num_processes 8 recipes/evaluate.py ...   # features computed across ranks
 
 --retrieval takes a dataset in Chinese-CLIP's layout ({split}_imgs.tsv + {split}_texts.jsonl; split
@@ -9,6 +9,12 @@
 R@1/5/10 and their mean, in %) go to results.json and results.md in --out and are printed as a
 table. --save-features also writes the features in Chinese-CLIP's jsonl format under
 --out/features/<set>/, for its own make_topk_predictions*.py and evaluation*.py.
+
+--classification takes an image folder with one sub-folder per class (sorted by name) and a
+label_cn.txt in it or beside it (line i: the i-th folder's Chinese class name), as Chinese-CLIP's
+zero-shot datasets come. Prompts are cn_clip's Chinese ImageNet templates unless --templates names
+a file (one template per line, {} for the class name); each class embedding is the mean over the
+templates. It reports top-1, top-5 and per-class top-1 and the sha256 of the labels and templates.
 """
 from __future__ import annotations
 
@@ -22,6 +28,8 @@ import torch
 from chinese_clip.checkpoints import load_pretrained, pretrained_vocab
 from chinese_clip.config import ConfigError, DataConfig, TrainConfig
 from chinese_clip.data.loaders import build_collator
+from chinese_clip.data.transforms import build_transform
+from chinese_clip.evaluation.classification import chinese_clip_templates, evaluate_classification
 from chinese_clip.evaluation.tasks import evaluate_retrieval, markdown_table
 from chinese_clip.runtime import build_accelerator
 from chinese_clip.tokenizer import load_tokenizer
@@ -32,13 +40,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", required=True)
     parser.add_argument("--model-name", help="a Chinese-CLIP architecture for a .pt (ViT-B-16, ViT-H-14, ...)")
     parser.add_argument("--retrieval", action="append", default=[], metavar="DIR[:SPLIT]")
+    parser.add_argument("--classification", action="append", default=[], metavar="FOLDER")
+    parser.add_argument("--templates", type=Path, help="prompt templates, one per line with {} for the class name")
     parser.add_argument("--out", type=Path, default=Path("results"))
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--context-length", type=int, default=52)
     parser.add_argument("--save-features", action="store_true")
     args = parser.parse_args(argv)
-    if not args.retrieval:
-        parser.error("name at least one evaluation set (--retrieval)")
+    if not args.retrieval and not args.classification:
+        parser.error("name at least one evaluation set (--retrieval or --classification)")
+    templates = chinese_clip_templates()
+    if args.templates is not None:
+        templates = [line.strip() for line in args.templates.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not templates or any("{}" not in t for t in templates):
+            parser.error(f"{args.templates}: expected one template per line, each with {{}} for the class name")
     accelerator = build_accelerator(TrainConfig(), args.out)
     try:
         model = load_pretrained(args.model, args.model_name).to(accelerator.device)
@@ -57,6 +72,17 @@ def main(argv: list[str] | None = None) -> dict:
                                                    args.batch_size, features)
         except (FileNotFoundError, ValueError) as e:
             sys.exit(f"error: {name}: {e}")
+    transform = build_transform(DataConfig(transform="resize"), model.cfg.vision.image_size)
+    for folder in args.classification:
+        name = Path(folder).name
+        try:
+            with torch.no_grad(), accelerator.autocast():
+                results[name] = evaluate_classification(model, folder, collator, transform, accelerator.device,
+                                                        templates, args.batch_size)
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(f"error: {name}: {e}")
+        if results[name]["empty_classes"]:
+            accelerator.print(f"{name}: classes without images (candidates only): {', '.join(results[name]['empty_classes'])}")
     if accelerator.is_main_process:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "results.json").write_text(json.dumps({"model": args.model, "results": results}, indent=2,

@@ -30,12 +30,14 @@ def model_and_set(tmp_path_factory):
     return root / "model", write_set(root / "MUGE", images=9, texts=13)
 
 
-def evaluate(model_dir, data, out, launcher=()):
+def evaluate(model_dir, data, out, launcher=(), extra=()):
+    """The retrieval scores (every set's, when `extra` names more sets) and what the recipe printed."""
     result = subprocess.run([sys.executable, *launcher, EVALUATE, "--model", str(model_dir), "--retrieval", str(data),
-                             "--out", str(out), "--batch-size", "4", "--save-features"],
+                             "--out", str(out), "--batch-size", "4", "--save-features", *extra],
                             capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads((out / "results.json").read_text())["results"]["MUGE/valid"], result.stdout
+    results = json.loads((out / "results.json").read_text())["results"]
+    return (results if extra else results["MUGE/valid"]), result.stdout
 
 
 def test_the_recipe_scores_what_the_library_scores_and_writes_chinese_clips_features(model_and_set, tmp_path):
@@ -57,13 +59,16 @@ def test_the_recipe_scores_what_the_library_scores_and_writes_chinese_clips_feat
 @pytest.mark.slow
 def test_two_processes_score_the_same_as_one(model_and_set, tmp_path):
     model_dir, data = model_and_set
-    one, _ = evaluate(model_dir, data, tmp_path / "one")
-    two, printed = evaluate(model_dir, data, tmp_path / "two", launcher=["-m", "accelerate.commands.launch",
-                                                                          "--multi_gpu", "--num_processes", "2", "--main_process_port",
-                                                                          str(free_port())])
+    classification = ["--classification", str(write_folder(tmp_path / "shapes", per_class=(3, 2, 2)))]
+    one, _ = evaluate(model_dir, data, tmp_path / "one", extra=classification)
+    two, printed = evaluate(model_dir, data, tmp_path / "two", extra=classification,
+                            launcher=["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                                      "--main_process_port", str(free_port())])
     assert "processes: 2" in printed
-    assert two["text_to_image"] == pytest.approx(one["text_to_image"])
-    assert two["image_to_text"] == pytest.approx(one["image_to_text"])
+    for key in ("text_to_image", "image_to_text"):
+        assert two["MUGE/valid"][key] == pytest.approx(one["MUGE/valid"][key])
+    assert two["test"]["images"] == one["test"]["images"] == 7
+    assert two["test"]["per_class_top1"] == pytest.approx(one["test"]["per_class_top1"])
 
 
 def test_a_missing_set_is_one_line(model_and_set, tmp_path):
@@ -72,3 +77,60 @@ def test_a_missing_set_is_one_line(model_and_set, tmp_path):
                              "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("error: none/valid: ")
+
+
+def write_folder(root, per_class=(3, 2, 0)):
+    """Class folders 000, 001, ... of synthetic shapes, label_cn.txt beside them (Chinese-CLIP's layout)."""
+    from chinese_clip.data.synthetic import SyntheticShapes, class_name
+
+    shapes = SyntheticShapes("train", 200, 32)
+    (root / "test").mkdir(parents=True)
+    names = []
+    for label, count in enumerate(per_class):
+        folder = root / "test" / f"{label:03d}"
+        folder.mkdir()
+        found = [i for i in range(200) if shapes[i]["label"] == label][:count]
+        for i in found:
+            shapes[i]["image"].save(folder / f"{i}.png")
+        names.append(class_name(label))
+    (root / "label_cn.txt").write_text("\n".join(names) + "\n", encoding="utf-8")
+    return root / "test"
+
+
+def test_classification_scores_a_labelled_folder_and_names_its_labels_and_templates(model_and_set, tmp_path):
+    from chinese_clip.evaluation.classification import accuracy, chinese_clip_templates, digest
+
+    model_dir, _ = model_and_set
+    folder = write_folder(tmp_path / "shapes")
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, EVALUATE, "--model", str(model_dir), "--classification", str(folder),
+                             "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    scores = json.loads((out / "results.json").read_text())["results"]["test"]
+    assert (scores["images"], scores["classes"], scores["empty_classes"]) == (5, 3, ["002 (红色三角形)"])
+    assert scores["labels_sha256"] == digest(["红色圆形", "红色正方形", "红色三角形"])
+    assert scores["templates_sha256"] == digest(chinese_clip_templates()) and scores["templates"] > 10
+    assert set(scores["per_class_top1"]) <= {"红色圆形", "红色正方形"} and "| test |" in result.stdout
+    # the metric itself, by hand: 3 images, classes 0/1/2
+    logits = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.3, 0.5], [0.1, 0.8, 0.1]])
+    scored = accuracy(logits, torch.tensor([0, 1, 2]), ["a", "b", "c"])
+    assert scored["top1"] == pytest.approx(100 / 3) and scored["top5"] == 100.0  # 3 classes: top-5 is top-3
+    assert scored["per_class_top1"] == {"a": 100.0, "b": 0.0, "c": 0.0}
+    two = accuracy(logits[:, :2].contiguous(), torch.tensor([0, 1, 0]), ["a", "b"])  # the last row says b
+    assert two["top1"] == pytest.approx(200 / 3) and two["per_class_top1"] == {"a": 50.0, "b": 100.0}
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda root: (root / "label_cn.txt").write_text("\n"), "names no class"),
+    (lambda root: (root / "label_cn.txt").write_text("一\n二\n"), "3 class folders but .* 2 classes"),
+    (lambda root: (root / "label_cn.txt").unlink(), "no label_cn.txt"),
+])
+def test_a_broken_label_file_is_one_line(model_and_set, tmp_path, damage, message):
+    import re
+
+    model_dir, _ = model_and_set
+    folder = write_folder(tmp_path / "shapes")
+    damage(tmp_path / "shapes")
+    result = subprocess.run([sys.executable, EVALUATE, "--model", str(model_dir), "--classification", str(folder),
+                             "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 1 and re.search(message, result.stderr.strip().splitlines()[-1]), result.stderr

@@ -31,10 +31,22 @@ def evaluate_retrieval(model: ChineseCLIP, data_dir: str | Path, split: str, col
 
 
 def markdown_table(results: dict[str, dict]) -> str:
-    """{set name: retrieval result} -> one row per set: R@1/5/10 both ways and the mean recall."""
-    header = ["set"] + [f"t2i R@{k}" for k in KS] + [f"i2t R@{k}" for k in KS] + ["MR"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, r in results.items():
-        cells = [r["text_to_image"][f"R@{k}"] for k in KS] + [r["image_to_text"][f"R@{k}"] for k in KS] + [r["mean_recall"]]
-        lines.append(f"| {name} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
-    return "\n".join(lines)
+    """{set name: result} -> a retrieval table (R@1/5/10 both ways, mean recall) and a classification
+    table (top-1, top-5, and the hashes of the labels and templates used), for the sets there are."""
+    tables = []
+    retrieval = {name: r for name, r in results.items() if r["task"] == "retrieval"}
+    if retrieval:
+        header = ["set"] + [f"t2i R@{k}" for k in KS] + [f"i2t R@{k}" for k in KS] + ["MR"]
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for name, r in retrieval.items():
+            cells = [r["text_to_image"][f"R@{k}"] for k in KS] + [r["image_to_text"][f"R@{k}"] for k in KS]
+            lines.append(f"| {name} | " + " | ".join(f"{c:.2f}" for c in cells + [r["mean_recall"]]) + " |")
+        tables.append("\n".join(lines))
+    classification = {name: r for name, r in results.items() if r["task"] == "classification"}
+    if classification:
+        lines = ["| set | top-1 | top-5 | images | classes | labels sha256 | templates sha256 |", "|" + "---|" * 7]
+        for name, r in classification.items():
+            lines.append(f"| {name} | {r['top1']:.2f} | {r['top5']:.2f} | {r['images']} | {r['classes']} | "
+                         f"{r['labels_sha256']} | {r['templates_sha256']} ({r['templates']}) |")
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)

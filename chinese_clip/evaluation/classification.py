@@ -1,0 +1,104 @@
+"""Zero-shot classification of a labelled image folder: Chinese class names through prompt templates
+(averaged per class), images through the vision tower; top-1, top-5 and per-class accuracy.
+
+The folder follows Chinese-CLIP's convention: one sub-folder per class, sorted by name, and a
+`label_cn.txt` (in the folder or beside it) whose line i names the i-th sub-folder's class. The
+result carries a hash of the label list and of the templates: three different Chinese ImageNet
+label lists circulate, and numbers only compare under the same ones.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from chinese_clip.data.collate import ImageTextCollator
+from chinese_clip.data.readers import IMAGE_SUFFIXES
+from chinese_clip.data.transforms import UnusableSample, decode
+from chinese_clip.evaluation.retrieval_set import encode_sharded
+from chinese_clip.evaluation.zeroshot import class_embeddings
+from chinese_clip.model import ChineseCLIP
+
+LABEL_FILE = "label_cn.txt"
+
+
+def chinese_clip_templates() -> list[str]:
+    """The Chinese ImageNet prompt templates cn_clip ships (as "{}" format strings)."""
+    from cn_clip.eval.imagenet_zeroshot_templates import openai_imagenet_template
+
+    return [template("{}") for template in openai_imagenet_template]
+
+
+def digest(lines: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:12]
+
+
+@dataclass
+class LabelledFolder:
+    files: list[Path]
+    labels: list[int]
+    class_names: list[str]
+    empty_classes: list[str]  # classes whose folder holds no image: still candidates, never queries
+
+
+def read_labelled_folder(directory: str | Path) -> LabelledFolder:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: no such directory")
+    label_file = next((p for p in (directory / LABEL_FILE, directory.parent / LABEL_FILE) if p.is_file()), None)
+    if label_file is None:
+        raise FileNotFoundError(f"{directory}: no {LABEL_FILE} in it or beside it (one Chinese class name per line)")
+    names = [line.strip() for line in label_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not names:
+        raise ValueError(f"{label_file} names no class")
+    folders = sorted(p for p in directory.iterdir() if p.is_dir())
+    if len(folders) != len(names):
+        raise ValueError(f"{directory} has {len(folders)} class folders but {label_file} names {len(names)} classes")
+    files, labels, empty = [], [], []
+    for label, folder in enumerate(folders):
+        images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
+            empty.append(f"{folder.name} ({names[label]})")
+        files += images
+        labels += [label] * len(images)
+    if not files:
+        raise ValueError(f"{directory}: no images in any class folder")
+    return LabelledFolder(files, labels, names, empty)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str]) -> dict:
+    """Top-1 and top-5 (%, ties broken by class order) and top-1 per class that has images."""
+    ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices  # [N, k]
+    correct = ranked[:, 0] == labels
+    per_class = {class_names[c]: 100.0 * correct[labels == c].float().mean().item() for c in labels.unique().tolist()}
+    return {"top1": 100.0 * correct.float().mean().item(),
+            "top5": 100.0 * (ranked == labels[:, None]).any(dim=1).float().mean().item(), "per_class_top1": per_class}
+
+
+@torch.no_grad()
+def evaluate_classification(model: ChineseCLIP, directory: str | Path, collator: ImageTextCollator, transform,
+                            device: torch.device, templates: Sequence[str], batch_size: int = 256) -> dict:
+    data = read_labelled_folder(directory)
+    was_training = model.training
+    model.eval()
+    classifier = class_embeddings(model, collator.tokenizer, data.class_names, templates, device).float()  # [C, D]
+
+    def images(indices: Sequence[int]) -> torch.Tensor:
+        pixels = []
+        for i in indices:
+            try:
+                pixels.append(transform(decode(data.files[i].read_bytes())))
+            except UnusableSample as e:
+                raise ValueError(f"{data.files[i]}: {e}") from None
+        return model.encode_image(collator.pixel_batch(pixels).to(device))
+
+    features = encode_sharded(len(data.files), images, batch_size, "images").cpu()  # [N, D]
+    model.train(was_training)
+    return {"task": "classification", "data": str(directory), "images": len(data.files),
+            "classes": len(data.class_names), "empty_classes": data.empty_classes,
+            "labels_sha256": digest(data.class_names), "templates_sha256": digest(templates),
+            "templates": len(templates),
+            **accuracy(features @ classifier.cpu().T, torch.tensor(data.labels), data.class_names)}
