@@ -2,7 +2,7 @@
 
     python recipes/evaluate.py --model <.pt | HF dir | our model dir> [--retrieval <dir>[:split] ...] \
         [--classification <folder> ...] [--templates FILE] [--out results/] [--batch-size 256] [--save-features]
-    accelerate launch --num_processes 8 recipes/evaluate.py ...   # features computed across ranks
+    accelerate launch --multi_gpu --num_processes 8 recipes/evaluate.py ...   # features computed across ranks
 
 --retrieval takes a dataset in Chinese-CLIP's layout ({split}_imgs.tsv + {split}_texts.jsonl; split
 "valid" unless given after a colon) and may be repeated. The scores (text->image and image->text
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,7 +29,6 @@ import torch
 from chinese_clip.checkpoints import load_pretrained, pretrained_vocab
 from chinese_clip.config import ConfigError, DataConfig, TrainConfig
 from chinese_clip.data.loaders import build_collator
-from chinese_clip.data.transforms import build_transform
 from chinese_clip.evaluation.classification import chinese_clip_templates, evaluate_classification
 from chinese_clip.evaluation.tasks import evaluate_retrieval, markdown_table
 from chinese_clip.runtime import build_accelerator
@@ -61,27 +61,24 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit(f"error: {e}")
     accelerator.print(f"model: {args.model}  processes: {accelerator.num_processes}  device: {accelerator.device}")
     collator = build_collator(DataConfig(), load_tokenizer(pretrained_vocab(args.model), args.context_length))
-    results = {}
+    tasks = {}  # set name -> its evaluation, run in order below
     for entry in args.retrieval:
         directory, _, split = entry.partition(":")
         name = f"{Path(directory).name}/{split or 'valid'}"
         features = args.out / "features" / name if args.save_features else None
-        try:
-            with torch.no_grad(), accelerator.autocast():
-                results[name] = evaluate_retrieval(model, directory, split or "valid", collator, accelerator.device,
-                                                   args.batch_size, features)
-        except (FileNotFoundError, ValueError) as e:
-            sys.exit(f"error: {name}: {e}")
-    transform = build_transform(DataConfig(transform="resize"), model.cfg.vision.image_size)
+        tasks[name] = partial(evaluate_retrieval, model, directory, split or "valid", collator, accelerator.device,
+                              args.batch_size, features)
     for folder in args.classification:
-        name = Path(folder).name
+        tasks[Path(folder).name] = partial(evaluate_classification, model, folder, collator, accelerator.device,
+                                           templates, args.batch_size)
+    results = {}
+    for name, evaluate in tasks.items():
         try:
             with torch.no_grad(), accelerator.autocast():
-                results[name] = evaluate_classification(model, folder, collator, transform, accelerator.device,
-                                                        templates, args.batch_size)
+                results[name] = evaluate()
         except (FileNotFoundError, ValueError) as e:
             sys.exit(f"error: {name}: {e}")
-        if results[name]["empty_classes"]:
+        if results[name].get("empty_classes"):
             accelerator.print(f"{name}: classes without images (candidates only): {', '.join(results[name]['empty_classes'])}")
     if accelerator.is_main_process:
         args.out.mkdir(parents=True, exist_ok=True)

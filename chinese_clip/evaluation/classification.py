@@ -15,9 +15,10 @@ from typing import Sequence
 
 import torch
 
+from chinese_clip.config import DataConfig
 from chinese_clip.data.collate import ImageTextCollator
 from chinese_clip.data.readers import IMAGE_SUFFIXES
-from chinese_clip.data.transforms import UnusableSample, decode
+from chinese_clip.data.transforms import UnusableSample, build_transform, decode
 from chinese_clip.evaluation.retrieval_set import encode_sharded
 from chinese_clip.evaluation.zeroshot import class_embeddings
 from chinese_clip.model import ChineseCLIP
@@ -79,9 +80,11 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, class_names: Sequence[s
 
 
 @torch.no_grad()
-def evaluate_classification(model: ChineseCLIP, directory: str | Path, collator: ImageTextCollator, transform,
+def evaluate_classification(model: ChineseCLIP, directory: str | Path, collator: ImageTextCollator,
                             device: torch.device, templates: Sequence[str], batch_size: int = 256) -> dict:
+    """Images get Chinese-CLIP's evaluation transform (square bicubic resize), as in retrieval."""
     data = read_labelled_folder(directory)
+    transform = build_transform(DataConfig(transform="resize"), model.cfg.vision.image_size)
     was_training = model.training
     model.eval()
     classifier = class_embeddings(model, collator.tokenizer, data.class_names, templates, device).float()  # [C, D]
