@@ -163,10 +163,33 @@ class TrainConfig:
 
 
 @dataclass
+class EvalSetConfig:
+    """One evaluation set. `path` may name environment variables (${DATAPATH}), as Chinese-CLIP's scripts do."""
+    name: str = ""  # how results, logs (eval/<name>/<metric>) and eval.best_metric refer to it
+    task: Literal["retrieval", "classification"] = "retrieval"
+    # retrieval: a directory in Chinese-CLIP's layout or our shards (a directory, .parquet file or glob);
+    # classification: an image folder with one sub-folder per class
+    path: str = ""
+    split: str = "valid"  # Chinese-CLIP's layout: {split}_imgs.tsv + {split}_texts.jsonl
+    # classification: a label file (one Chinese class name per line, in sub-folder order), "cn_clip"
+    # (the ImageNet class names in the cn_clip package), or unset: label_cn.txt in or beside the folder
+    labels: Optional[str] = None
+    templates: Optional[str] = None  # classification: a file, one prompt per line with {}; unset: cn_clip's
+    reference: dict[str, float] = field(default_factory=dict)  # published scores to show beside ours, metric -> %
+
+
+@dataclass
 class EvalConfig:
     at_start: bool = True  # zero-shot scores of the untrained model, as the baseline
     at_end: bool = True
+    every_steps: int = 0  # also every this many optimizer steps; 0: never
+    at_stage_end: bool = False  # also when each stage but the last ends (the last is at_end)
     batch_size: int = 256
+    sets: list[EvalSetConfig] = field(default_factory=list)  # besides the synthetic held-out splits on synthetic data
+    # "<set name>/<metric>" (e.g. MUGE/mean_recall): the weights that score highest on it are kept in
+    # <run>/best/; None keeps none
+    best_metric: Optional[str] = None
+    reference_name: str = ""  # whose numbers the sets' `reference` holds, for the table header
 
 
 @dataclass
@@ -259,6 +282,8 @@ def _check(cfg: Config) -> Config:
         raise ConfigError(f"model.vision.patch_drop_rate must be in [0, 1), got {cfg.model.vision.patch_drop_rate}")
     if cfg.checkpoint.every_steps < 0 or cfg.checkpoint.keep_last < 1:
         raise ConfigError("checkpoint.every_steps must be >= 0 and checkpoint.keep_last >= 1")
+    if cfg.eval.every_steps < 0:
+        raise ConfigError(f"eval.every_steps must be >= 0, got {cfg.eval.every_steps}")
     if cfg.init.pretrained and (cfg.init.vision or cfg.init.text):
         raise ConfigError("init.pretrained gives the whole model; init.vision and init.text start single towers: "
                           "use one or the other")
@@ -395,6 +420,10 @@ def _coerce(value: Any, tp: Any, key: str):
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
         return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {_coerce(k, args[0], f"{key} key"): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")

@@ -9,9 +9,10 @@ from accelerate.utils import set_seed
 
 from chinese_clip.checkpoints import prepare_init, pretrained_vocab
 from chinese_clip.config import ConfigError, load_config
-from chinese_clip.data.loaders import build_train_loader
+from chinese_clip.data.loaders import build_collator, build_train_loader
 from chinese_clip.data.stream import DataError, open_sources
-from chinese_clip.evaluation.synthetic import synthetic_evaluator
+from chinese_clip.evaluation.synthetic import SYNTHETIC_SETS, synthetic_evaluator
+from chinese_clip.evaluation.tasks import check_sets, sets_evaluator
 from chinese_clip.model import ChineseCLIP
 from chinese_clip.runtime import build_accelerator, configure_deepspeed, run_dir_of
 from chinese_clip.tokenizer import load_tokenizer
@@ -30,6 +31,9 @@ def train(config: str, overrides: list[str]) -> dict:
         # Every shard is looked at now: a missing one is an error before training, not hours in.
         sources = open_sources(cfg.data, accelerator.num_processes, accelerator.print) \
             if cfg.data.source == "shards" else None
+        # So is every evaluation set, label list and template file.
+        check_sets(cfg.eval.sets, cfg.eval.best_metric,
+                   {name: "classification" for name in SYNTHETIC_SETS} if cfg.data.source == "synthetic" else {})
     except ConfigError as e:
         fail(e)
     # Each process draws its own dropout and FLIP masks (the initial weights are seeded apart, the
@@ -43,7 +47,7 @@ def train(config: str, overrides: list[str]) -> dict:
     image_size = cfg.model.vision.image_size
 
     # 3. Data: this rank's share of every global batch, from any position in the stream, and the
-    #    held-out evaluation sets (synthetic data only, for now).
+    #    evaluation sets: the synthetic held-out splits on synthetic data, and eval.sets.
     rank = accelerator.process_index
 
     def make_loader(batch_size: int, position: dict | None):
@@ -51,26 +55,26 @@ def train(config: str, overrides: list[str]) -> dict:
                                   seed=cfg.train.seed, batch_size=batch_size, position=position, sources=sources,
                                   skip_log=run_dir / "skipped" / f"rank-{rank}.jsonl")
 
-    def no_evaluation(model) -> dict:
-        return {}
+    configured = sets_evaluator(cfg.eval.sets, build_collator(cfg.data, tokenizer), accelerator.device,
+                                cfg.eval.batch_size)
+    synthetic = (synthetic_evaluator(cfg.data, image_size, tokenizer, accelerator.device, cfg.eval.batch_size)
+                 if cfg.data.source == "synthetic" else None)
 
-    evaluate = (synthetic_evaluator(cfg.data, image_size, tokenizer, accelerator.device, cfg.eval.batch_size)
-                if cfg.data.source == "synthetic" else no_evaluation)
+    def evaluate(model) -> dict:
+        return {**(synthetic(model) if synthetic else {}), **configured(model)}
 
-    # 4. Train stage by stage (resuming from the newest checkpoint if there is one), evaluate before
-    #    and after, save (the tokenizer beside the weights: model/ is self-contained).
+    # 4. Train stage by stage (resuming from the newest checkpoint if there is one), evaluate as
+    #    configured, save (the tokenizer beside the weights: model/ and best/ are self-contained).
     accelerator.print(f"run directory: {run_dir}  processes: {accelerator.num_processes}")
     try:
         trainer = Trainer(cfg, accelerator, lambda: ChineseCLIP(cfg.model), make_loader, evaluate, run_dir,
-                          init_weights=init_weights)
+                          init_weights=init_weights, tokenizer=tokenizer)
         results = trainer.fit()
     except ConfigError as e:
         fail(e)
     except DataError as e:  # one rank's data: say so from that rank; the launcher stops the others
         print(f"error on rank {rank}: {e}", file=sys.stderr)
         sys.exit(3)
-    if accelerator.is_main_process:
-        tokenizer.save(run_dir / "model")
     return results
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import json
+import shutil
 import sys
 import time
 from functools import partial
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 from chinese_clip.checkpoints import save_pretrained
 from chinese_clip.config import Config, ConfigError, flatten, save_config, to_dict
 from chinese_clip.distributed import sum_across_ranks
+from chinese_clip.evaluation.tasks import scalar_metrics
 from chinese_clip.gradient_cache import gradient_cache_step
 from chinese_clip.losses import ContrastiveObjective
 from chinese_clip.model import ChineseCLIP
@@ -26,6 +28,7 @@ from chinese_clip.resume import (find_resume_checkpoint, read_trainer_state, rea
                                  save_checkpoint, stage_weights_path, write_weights)
 from chinese_clip.runtime import offloads_optimizer, set_deepspeed_batch
 from chinese_clip.stages import Stage, freeze, plan_stages, stage_lr_scales, summary, tower_counts
+from chinese_clip.tokenizer import ChineseTokenizer
 
 Evaluate = Callable[[nn.Module], dict[str, dict]]
 # (per-process batch size, data position or None for the start) -> an endless iterator of batches
@@ -42,15 +45,16 @@ class Trainer:
     optimizer are built anew from the full fp32 weights: ZeRO fixes the trainable set when the
     engine is created. `build_model()` returns a fresh model, which a fresh run passes to
     `init_weights` (pretrained weights) before it trains; `make_loader(batch, position)` an endless
-    loader that continues from a data position; `evaluate(model)` returns {set name: {metric:
-    value}}. It runs on every rank together (under ZeRO-3 a forward pass is collective) with the
-    unwrapped model.
+    loader that continues from a data position; `evaluate(model)` returns {set name: result}. It
+    runs on every rank together (under ZeRO-3 a forward pass is collective) with the unwrapped model,
+    before training, every eval.every_steps, at stage ends and after training, as configured; the
+    weights that score best on eval.best_metric are kept in <run>/best/.
     """
 
     def __init__(self, cfg: Config, accelerator: Accelerator, build_model: Callable[[], ChineseCLIP],
                  make_loader: MakeLoader, evaluate: Evaluate, run_dir: Path,
-                 init_weights: Callable[[ChineseCLIP], None] | None = None):
-        self.cfg, self.accelerator, self.run_dir = cfg, accelerator, run_dir
+                 init_weights: Callable[[ChineseCLIP], None] | None = None, tokenizer: ChineseTokenizer | None = None):
+        self.cfg, self.accelerator, self.run_dir, self.tokenizer = cfg, accelerator, run_dir, tokenizer
         self.build_model, self.make_loader, self.evaluate_fn = build_model, make_loader, evaluate
         self.init_weights = init_weights
         self.objective = ContrastiveObjective(cfg.loss)
@@ -61,6 +65,7 @@ class Trainer:
         self.data_position: dict | None = None  # where the next loader starts
         self.lr_scales: dict[str, float] = {}  # what the current engine trains, name -> lr multiplier
         self.step = 0
+        self.best: dict | None = None  # {metric, value, step} of the weights in <run>/best
         with torch.device("meta"):  # names only: a typo in the last stage's rules must not wait for that stage
             names = [name for name, _ in self.new_model().named_parameters()]
         for stage in self.plan:
@@ -139,6 +144,7 @@ class Trainer:
         if self.resume_from is not None:
             state = read_trainer_state(self.resume_from)
             self.step = state["step"]
+            self.best = state.get("best")
             # One per rank. On more ranks than saved them: the synthetic stream's position is global,
             # so any rank's serves; a shard stream refuses a position saved under another layout.
             positions = state["data"]
@@ -200,15 +206,19 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", scale=f"{logit_scale.item():.1f}",
                                 sps=f"{record['train/samples_per_s']:.0f}", skipped=data["skipped"])
                 since, tic = 0, time.perf_counter()
+            if self.evaluation_due(stage):  # before the checkpoint, which records the best score
+                results.setdefault("during", {})[str(self.step)] = self.evaluate("during")
             every = cfg.checkpoint.every_steps
             if self.step == stage.end_step or (every and self.step % every == 0):
                 self.save_checkpoint()
         bar.close()
         weights = self.full_weights()
         if acc.is_main_process:
-            save_pretrained(weights, cfg, self.run_dir / "model")
+            save_pretrained(weights, cfg, self.run_dir / "model", self.tokenizer)
         if cfg.eval.at_end:
             results["after"] = self.evaluate("after")
+        if self.best is not None:
+            results["best"] = self.best
         if acc.is_main_process:
             (self.run_dir / "eval.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
             print(format_results(results))
@@ -325,6 +335,7 @@ class Trainer:
             "frozen": sorted(name for name, _ in self.unwrapped.named_parameters() if name not in self.lr_scales),
             "plan": [s.describe() for s in self.plan[:stage.index + 1]],
             "model": to_dict(self.cfg.model),
+            "best": self.best,
         }, self.cfg.checkpoint.keep_last)
 
     def check_resumable(self, state: dict) -> None:
@@ -350,24 +361,69 @@ class Trainer:
         path.write_text("".join(line + "\n" for line in kept))
 
     def earlier_evaluations(self) -> dict:
-        """The "before" scores a resumed run logged when it first started."""
+        """The scores a resumed run logged before its checkpoint ("before" and "during"; the logs hold
+        each set's scalar metrics)."""
         path = self.run_dir / "metrics.jsonl"
         lines = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
         results: dict = {}
         for line in lines:
-            if line.get("tag") == "before":
-                for key, value in line.items():
-                    if key.startswith("eval/"):
-                        _, name, metric = key.split("/", 2)
-                        results.setdefault("before", {}).setdefault(name, {})[metric] = value
+            if line.get("tag") not in ("before", "during"):
+                continue
+            scores: dict = {}
+            for key, value in line.items():
+                if key.startswith("eval/"):
+                    name, metric = key.removeprefix("eval/").rsplit("/", 1)
+                    scores.setdefault(name, {})[metric] = value
+            if line["tag"] == "before":
+                results["before"] = scores
+            else:
+                results.setdefault("during", {})[str(line["step"])] = scores
         return results
 
     # -- evaluation, logging ------------------------------------------------------------------
+    def evaluation_due(self, stage: Stage) -> bool:
+        """After this step: every eval.every_steps and at stage ends, as configured; the run's last step
+        is left to the evaluation after training (eval.at_end)."""
+        cfg = self.cfg.eval
+        if self.step == self.total_steps and cfg.at_end:
+            return False
+        return bool((cfg.every_steps and self.step % cfg.every_steps == 0)
+                    or (cfg.at_stage_end and self.step == stage.end_step))
+
     def evaluate(self, tag: str) -> dict:
-        results = self.evaluate_fn(self.unwrapped)
-        self.log({f"eval/{name}/{metric}": value for name, metrics in results.items()
+        """Every rank together, in the run's mixed precision as recipes/evaluate.py. The RNG is left as
+        it was: evaluating does not change what trains."""
+        devices = [self.accelerator.device] if self.accelerator.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), self.accelerator.autocast():
+            results = self.evaluate_fn(self.unwrapped)
+        scalars = {name: scalar_metrics(result) for name, result in results.items()}
+        self.log({f"eval/{name}/{metric}": value for name, metrics in scalars.items()
                   for metric, value in metrics.items()}, tag=tag)
+        self.keep_if_best(scalars)
         return results
+
+    def keep_if_best(self, scalars: dict[str, dict[str, float]]) -> None:
+        """Save the weights to <run>/best/ (model directory + best.json) when they beat the best so far
+        on eval.best_metric. The new copy is complete before it replaces the old one."""
+        metric = self.cfg.eval.best_metric
+        if metric is None:
+            return
+        name, _, key = metric.rpartition("/")
+        value = scalars[name][key]
+        if self.best is not None and value <= self.best["value"]:
+            return
+        self.best = {"metric": metric, "value": value, "step": self.step}
+        weights = self.full_weights()  # collective
+        if self.accelerator.is_main_process:
+            best, partial, old = (self.run_dir / n for n in ("best", "best.partial", "best.old"))
+            shutil.rmtree(partial, ignore_errors=True)
+            save_pretrained(weights, self.cfg, partial, self.tokenizer)
+            (partial / "best.json").write_text(json.dumps(self.best, indent=2))
+            if best.exists():
+                best.rename(old)
+            partial.rename(best)
+            shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.print(f"best so far: {metric} = {value:.2f} at step {self.step}, saved to {self.run_dir / 'best'}")
 
     def log(self, record: dict, tag: str | None = None) -> None:
         self.accelerator.log(record, step=self.step)
@@ -378,14 +434,15 @@ class Trainer:
 
 
 def format_results(results: dict) -> str:
-    """{"before"/"after": {set: {top1, chance_top1, ...}}} -> a small plain-text table."""
+    """{"before"/"after": {set: result}} -> a small plain-text table of each set's headline score
+    (mean recall for retrieval, else top-1), in %."""
     phases = [p for p in ("before", "after") if results.get(p)]
     if not phases:
         return "no evaluation was run"
-    sets = list(results[phases[-1]])
-    header = f"{'zero-shot top-1':<24}" + "".join(f"{p:>10}" for p in phases) + f"{'chance':>10}"
+    header = f"{'zero-shot':<32}" + "".join(f"{p:>10}" for p in phases)
     lines = [header, "-" * len(header)]
-    for name in sets:
-        row = f"{name:<24}" + "".join(f"{results[p][name]['top1']:>10.1%}" for p in phases)
-        lines.append(row + f"{results[phases[-1]][name]['chance_top1']:>10.1%}")
+    for name, result in results[phases[-1]].items():
+        metric = "mean_recall" if "mean_recall" in scalar_metrics(result) else "top1"
+        label = f"{name} {metric}" + (f" (chance {result['chance_top1']:.1f})" if "chance_top1" in result else "")
+        lines.append(f"{label:<32}" + "".join(f"{scalar_metrics(results[p][name])[metric]:>10.1f}" for p in phases))
     return "\n".join(lines)

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from chinese_clip.checkpoints import save_pretrained
-from chinese_clip.config import Config, DataConfig
+from chinese_clip.config import Config, DataConfig, EvalSetConfig
 from chinese_clip.data.loaders import build_collator
 from chinese_clip.distributed import free_port
-from chinese_clip.evaluation.tasks import evaluate_retrieval
+from chinese_clip.evaluation.tasks import evaluate_set
 from chinese_clip.model import ChineseCLIP
 from chinese_clip.tokenizer import load_tokenizer
 from tests.test_retrieval_set import TINY, write_set
@@ -45,8 +45,8 @@ def test_the_recipe_scores_what_the_library_scores_and_writes_chinese_clips_feat
     ours, printed = evaluate(model_dir, data, tmp_path / "out")
     torch.manual_seed(0)
     model = ChineseCLIP(TINY)
-    expected = evaluate_retrieval(model, data, "valid", build_collator(DataConfig(), load_tokenizer(None, 52)),
-                                  torch.device("cpu"), batch_size=4)
+    expected = evaluate_set(model, EvalSetConfig(name="MUGE", path=str(data)),
+                            build_collator(DataConfig(), load_tokenizer(None, 52)), torch.device("cpu"), batch_size=4)
     assert ours["text_to_image"] == pytest.approx(expected["text_to_image"])
     assert ours["image_to_text"] == pytest.approx(expected["image_to_text"])
     assert (ours["texts"], ours["images"]) == (13, 9) and "| MUGE/valid |" in printed
@@ -76,7 +76,7 @@ def test_a_missing_set_is_one_line(model_and_set, tmp_path):
     result = subprocess.run([sys.executable, EVALUATE, "--model", str(model_dir), "--retrieval", str(tmp_path / "none"),
                              "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith("error: none/valid: ")
+    assert result.stderr.strip().splitlines()[-1].startswith("error: eval set none/valid: ")
 
 
 def write_folder(root, per_class=(3, 2, 0)):

@@ -1,6 +1,8 @@
 """recipes/finetune.py: a tiny checkpoint in Chinese-CLIP's own .pt format, written by cn_clip's `CLIP`,
 fine-tuned in stages on the synthetic data by 2 processes under DeepSpeed ZeRO-2."""
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -46,7 +48,7 @@ def test_finetuning_a_cn_clip_checkpoint_on_two_zero2_processes_improves_it(tmp_
 
     scores = json.loads((run_dir / "eval.json").read_text())
     before, after = scores["before"]["val"]["top1"], scores["after"]["val"]["top1"]
-    assert after >= before + 0.15, (before, after)
+    assert after >= before + 15, (before, after)
 
     # the run is the checkpoint's architecture and starts from its weights; the text stage leaves
     # the image tower as released, bit for bit
@@ -111,14 +113,16 @@ def test_the_muge_preset_fine_tunes_a_cn_clip_checkpoint_on_shards_of_chinese_cl
     from chinese_clip.data.images import encode_jpeg
     from chinese_clip.data.synthetic import SyntheticShapes
 
-    raw = tmp_path / "MUGE"
-    raw.mkdir()
+    raw = tmp_path / "datasets" / "MUGE"
+    raw.mkdir(parents=True)
     images = SyntheticShapes("train", 24, 64)
     (raw / "train_imgs.tsv").write_text("".join(f"{i}\t{base64.urlsafe_b64encode(encode_jpeg(images[i]['image'])).decode()}\n"
                                                 for i in range(24)))
     (raw / "train_texts.jsonl").write_text("".join(
         json.dumps({"text_id": q, "text": images[2 * q]["text"], "image_ids": [2 * q, 2 * q + 1]}, ensure_ascii=False)
         + "\n" for q in range(12)), encoding="utf-8")
+    for kind in ("imgs.tsv", "texts.jsonl"):  # the valid split the preset evaluates: the same pairs, here
+        shutil.copy(raw / f"train_{kind}", raw / f"valid_{kind}")
     shards = tmp_path / "shards"
     build = subprocess.run([sys.executable, str(ROOT / "data_tools" / "build_shards.py"), str(raw), "--out", str(shards),
                             "--rows-per-shard", "6", "--workers", "1"], capture_output=True, text=True, cwd=ROOT)
@@ -128,8 +132,12 @@ def test_the_muge_preset_fine_tunes_a_cn_clip_checkpoint_on_shards_of_chinese_cl
                              "--config", str(ROOT / "recipes" / "configs" / "muge_vit_b16_finetune.yaml"),
                              f"data.shards=[{{path: {shards}}}]", "stages.0.samples=24", "data.batch_size=8",
                              "data.num_workers=2", "train.log_every=1", f"run.output_dir={run_dir}"],
-                            capture_output=True, text=True, cwd=ROOT, timeout=600)
+                            capture_output=True, text=True, cwd=ROOT, timeout=600,
+                            env={**os.environ, "DATAPATH": str(tmp_path)})
     assert result.returncode == 0, result.stderr[-3000:]
     logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["data/samples_read"] for m in logged if "train/loss" in m] == [8, 16, 24]
     assert load_pretrained(run_dir / "model").cfg.vision.image_size == 64
+    scores = json.loads((run_dir / "eval.json").read_text())
+    assert (scores["before"]["MUGE"]["texts"], scores["after"]["MUGE"]["images"]) == (12, 24)
+    assert scores["best"]["metric"] == "MUGE/t2i_mean_recall" and (run_dir / "best" / "best.json").is_file()

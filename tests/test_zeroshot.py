@@ -1,4 +1,5 @@
 """Zero-shot accuracy with a stub model whose predictions are known, on one rank and sharded over two."""
+import pytest
 import torch
 from torch import nn
 
@@ -40,11 +41,11 @@ def _evaluate(batch_size):
 
 def test_hand_counted_accuracy():
     result = _evaluate(batch_size=3)
-    assert result["top1"] == 3 / 7 and result["top5"] == 5 / 7
-    assert result["num_images"] == 7 and result["chance_top1"] == 1 / 6
+    assert result["top1"] == pytest.approx(300 / 7) and result["top5"] == pytest.approx(500 / 7)
+    assert result["num_images"] == 7 and result["chance_top1"] == pytest.approx(100 / 6)
 
 
 def test_two_ranks_with_a_ragged_shard_count_each_image_once():
     ranks = run_on_cpu_ranks(_evaluate, 2)
     for result in ranks:
-        assert result["top1"] == 3 / 7 and result["top5"] == 5 / 7 and result["num_images"] == 7
+        assert result["top1"] == pytest.approx(300 / 7) and result["top5"] == pytest.approx(500 / 7) and result["num_images"] == 7

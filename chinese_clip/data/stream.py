@@ -64,7 +64,7 @@ def open_sources(cfg: DataConfig, world_size: int, say: Callable[[str], None] = 
     readers = world_size * max(1, cfg.num_workers)
     sources = []
     for entry in cfg.shards:
-        files = _shard_files(entry.path)
+        files = shard_files(entry.path)
         with ThreadPoolExecutor(16) as pool:  # footers only; on network storage the latency adds up
             rows = list(pool.map(_rows_in_shard, files))
         _check_complete(Path(entry.path), sum(rows))
@@ -81,28 +81,30 @@ def open_sources(cfg: DataConfig, world_size: int, say: Callable[[str], None] = 
     return sources
 
 
-def _shard_files(path: str) -> list[str]:
+def shard_files(path: str, what: str = "data.shards") -> list[str]:
+    """The parquet files of a shard directory (all of build_shards' numbered shards), a file or a glob;
+    errors begin with `what`."""
     if any(c in path for c in "*?["):
         files = sorted(glob(path))
         if not files:
-            raise ConfigError(f"data.shards: {path} matches no file")
+            raise ConfigError(f"{what}: {path} matches no file")
         return files
     where = Path(path)
     if where.is_file():
         return [str(where)]
     if not where.is_dir():
-        raise ConfigError(f"data.shards: {path}: no such file or directory")
+        raise ConfigError(f"{what}: {path}: no such file or directory")
     named = sorted(where.glob("shard-*.parquet"))
     files = named or sorted(where.glob("*.parquet"))
     if not files:
-        raise ConfigError(f"data.shards: {path} holds no .parquet files; build them with data_tools/build_shards.py")
+        raise ConfigError(f"{what}: {path} holds no .parquet files; build them with data_tools/build_shards.py")
     numbers = {int(m.group(1)) for f in named if (m := _SHARD_NAME.fullmatch(f.name))}
     missing = sorted(set(range(max(numbers) + 1)) - numbers) if numbers else []
     if missing:
-        raise ConfigError(f"data.shards: {path} is missing shard-{missing[0]:05d}.parquet"
+        raise ConfigError(f"{what}: {path} is missing shard-{missing[0]:05d}.parquet"
                           + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
     if unfinished := sorted(where.glob("shard-*.parquet.partial")):
-        raise ConfigError(f"data.shards: {path}: build_shards did not finish ({unfinished[0].name}); run it again to "
+        raise ConfigError(f"{what}: {path}: build_shards did not finish ({unfinished[0].name}); run it again to "
                           "complete the build")
     return [str(f) for f in files]
 

@@ -24,6 +24,7 @@ from chinese_clip.evaluation.zeroshot import class_embeddings
 from chinese_clip.model import ChineseCLIP
 
 LABEL_FILE = "label_cn.txt"
+CN_CLIP_LABELS = "cn_clip"  # as a label file name: the ImageNet class names in the cn_clip package
 
 
 def chinese_clip_templates() -> list[str]:
@@ -31,6 +32,42 @@ def chinese_clip_templates() -> list[str]:
     from cn_clip.eval.imagenet_zeroshot_templates import openai_imagenet_template
 
     return [template("{}") for template in openai_imagenet_template]
+
+
+def read_templates(path: str | Path | None) -> list[str]:
+    """A template file (one prompt per line, {} for the class name), or cn_clip's for None."""
+    if path is None:
+        return chinese_clip_templates()
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such template file")
+    templates = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not templates or any("{}" not in t for t in templates):
+        raise ValueError(f"{path}: expected one template per line, each with {{}} for the class name")
+    return templates
+
+
+def read_labels(directory: Path, labels: str | Path | None) -> tuple[list[str], str]:
+    """(class names, where they came from): a label file, label_cn.txt in or beside `directory` for
+    None, or the ImageNet class names in the cn_clip package for "cn_clip". Those differ from the
+    label_cn.txt in Chinese-CLIP's repository (datasets/ImageNet-1K) in 241 of 1,000 names."""
+    if labels == CN_CLIP_LABELS:
+        from cn_clip.eval.imagenet_zeroshot_templates import imagenet_classnames
+
+        return list(imagenet_classnames), "cn_clip's imagenet_classnames"
+    if labels is None:
+        found = next((p for p in (directory / LABEL_FILE, directory.parent / LABEL_FILE) if p.is_file()), None)
+        if found is None:
+            raise FileNotFoundError(f"{directory}: no {LABEL_FILE} in it or beside it (one Chinese class name per "
+                                    f"line), and no label file given")
+        labels = found
+    labels = Path(labels)
+    if not labels.is_file():
+        raise FileNotFoundError(f"{labels}: no such label file")
+    names = [line.strip() for line in labels.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not names:
+        raise ValueError(f"{labels} names no class")
+    return names, str(labels)
 
 
 def digest(lines: Sequence[str]) -> str:
@@ -42,22 +79,20 @@ class LabelledFolder:
     files: list[Path]
     labels: list[int]
     class_names: list[str]
+    labels_from: str  # the label file, or cn_clip's list
     empty_classes: list[str]  # classes whose folder holds no image: still candidates, never queries
 
 
-def read_labelled_folder(directory: str | Path) -> LabelledFolder:
+def read_labelled_folder(directory: str | Path, labels: str | Path | None = None) -> LabelledFolder:
+    """The images of each class sub-folder (sorted by name, as torchvision's ImageFolder and
+    Chinese-CLIP sort them) with the class names of `labels` (see read_labels)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no such directory")
-    label_file = next((p for p in (directory / LABEL_FILE, directory.parent / LABEL_FILE) if p.is_file()), None)
-    if label_file is None:
-        raise FileNotFoundError(f"{directory}: no {LABEL_FILE} in it or beside it (one Chinese class name per line)")
-    names = [line.strip() for line in label_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not names:
-        raise ValueError(f"{label_file} names no class")
+    names, origin = read_labels(directory, labels)
     folders = sorted(p for p in directory.iterdir() if p.is_dir())
     if len(folders) != len(names):
-        raise ValueError(f"{directory} has {len(folders)} class folders but {label_file} names {len(names)} classes")
+        raise ValueError(f"{directory} has {len(folders)} class folders but {origin} names {len(names)} classes")
     files, labels, empty = [], [], []
     for label, folder in enumerate(folders):
         images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -67,7 +102,7 @@ def read_labelled_folder(directory: str | Path) -> LabelledFolder:
         labels += [label] * len(images)
     if not files:
         raise ValueError(f"{directory}: no images in any class folder")
-    return LabelledFolder(files, labels, names, empty)
+    return LabelledFolder(files, labels, names, origin, empty)
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str]) -> dict:
@@ -81,9 +116,10 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, class_names: Sequence[s
 
 @torch.no_grad()
 def evaluate_classification(model: ChineseCLIP, directory: str | Path, collator: ImageTextCollator,
-                            device: torch.device, templates: Sequence[str], batch_size: int = 256) -> dict:
+                            device: torch.device, templates: Sequence[str], batch_size: int = 256,
+                            labels: str | Path | None = None) -> dict:
     """Images get Chinese-CLIP's evaluation transform (square bicubic resize), as in retrieval."""
-    data = read_labelled_folder(directory)
+    data = read_labelled_folder(directory, labels)
     transform = build_transform(DataConfig(transform="resize"), model.cfg.vision.image_size)
     was_training = model.training
     model.eval()
@@ -102,6 +138,6 @@ def evaluate_classification(model: ChineseCLIP, directory: str | Path, collator:
     model.train(was_training)
     return {"task": "classification", "data": str(directory), "images": len(data.files),
             "classes": len(data.class_names), "empty_classes": data.empty_classes,
-            "labels_sha256": digest(data.class_names), "templates_sha256": digest(templates),
+            "labels_from": data.labels_from, "labels_sha256": digest(data.class_names), "templates_sha256": digest(templates),
             "templates": len(templates),
             **accuracy(features @ classifier.cpu().T, torch.tensor(data.labels), data.class_names)}

@@ -1,4 +1,4 @@
-"""A retrieval evaluation set in Chinese-CLIP's layout, and its features from a model.
+"""A retrieval evaluation set in Chinese-CLIP's layout or from our shards, and its features from a model.
 
     {split}_imgs.tsv      image_id <TAB> base64 image (one line per image)
     {split}_texts.jsonl   {"text_id": ..., "text": "...", "image_ids": [...]} (one line per text)
@@ -17,10 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
 from chinese_clip.data.collate import ImageTextCollator
+from chinese_clip.data.stream import image_id, shard_files
 from chinese_clip.data.transforms import UnusableSample, decode
 from chinese_clip.distributed import gather_without_grad, rank, world_size
 from chinese_clip.model import ChineseCLIP
@@ -76,6 +79,44 @@ def read_retrieval_set(directory: str | Path, split: str) -> RetrievalSet:
     if not texts:
         raise ValueError(f"{jsonl}: no texts")
     return RetrievalSet(list(index), images, text_ids, texts, matches)
+
+
+def is_shard_path(path: str | Path) -> bool:
+    """Our shards (a .parquet file, a glob, a directory of them) rather than Chinese-CLIP's layout."""
+    path = str(path)
+    return path.endswith(".parquet") or any(c in path for c in "*?[") or any(Path(path).glob("*.parquet"))
+
+
+def read_shard_retrieval_set(path: str | Path) -> RetrievalSet:
+    """Pairs from our shards (data_tools/build_shards.py) as a retrieval set. Shards hold pairs, not
+    ids: an image is its bytes (byte-identical images are one image, as in training), a text its
+    caption (a caption paired with several images matches each). Ids are each one's first row id."""
+    images: list[bytes] = []
+    image_ids: list[str] = []
+    image_index: dict[int, int] = {}  # image hash -> index
+    text_index: dict[str, int] = {}
+    text_ids, texts, matches = [], [], []
+    for file in shard_files(str(path), what="retrieval set"):
+        try:
+            batches = pq.ParquetFile(file).iter_batches(columns=["id", "caption", "image"])
+            rows = (row for batch in batches for row in batch.to_pylist())
+            for row in rows:
+                image = image_index.setdefault(image_id(row["image"]), len(image_index))
+                if image == len(images):
+                    images.append(row["image"])
+                    image_ids.append(row["id"])
+                text = text_index.setdefault(row["caption"], len(text_index))
+                if text == len(texts):
+                    text_ids.append(row["id"])
+                    texts.append(row["caption"])
+                    matches.append([])
+                if image not in matches[text]:
+                    matches[text].append(image)
+        except (pa.ArrowException, KeyError) as e:
+            raise ValueError(f"{file}: not a shard that data_tools/build_shards.py writes ({e})") from None
+    if not texts:
+        raise ValueError(f"{path}: the shards hold no pairs")
+    return RetrievalSet(image_ids, images, text_ids, texts, matches)
 
 
 @torch.no_grad()

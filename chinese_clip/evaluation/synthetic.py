@@ -10,6 +10,8 @@ from chinese_clip.data.synthetic import PROMPT_TEMPLATES, class_names
 from chinese_clip.evaluation.zeroshot import zero_shot_classification
 from chinese_clip.tokenizer import ChineseTokenizer
 
+SYNTHETIC_SETS = ("val", "novel")  # the splits of build_eval_sets, as eval.best_metric may name them
+
 
 def synthetic_evaluator(cfg: DataConfig, image_size: int, tokenizer: ChineseTokenizer,
                         device: torch.device, batch_size: int):

@@ -1,52 +1,150 @@
-"""Evaluation tasks as `recipes/evaluate.py` runs them: a model and a dataset in, scores out."""
+"""Evaluation sets as configured (eval.sets, or recipes/evaluate.py's flags): checked at start-up,
+run on a model, reduced to the scalars that are logged, and tabled beside published numbers.
+
+The same functions serve `recipes/evaluate.py` and evaluation inside training, so a checkpoint
+scores the same in both.
+"""
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 
-from chinese_clip.config import DataConfig
+from chinese_clip.config import ConfigError, DataConfig, EvalSetConfig
 from chinese_clip.data.collate import ImageTextCollator
 from chinese_clip.data.transforms import build_transform
 from chinese_clip.distributed import rank
+from chinese_clip.evaluation.classification import evaluate_classification, read_labelled_folder, read_templates
 from chinese_clip.evaluation.retrieval import KS, retrieval_metrics, write_cn_clip_features
-from chinese_clip.evaluation.retrieval_set import read_retrieval_set, retrieval_features
+from chinese_clip.evaluation.retrieval_set import (RetrievalSet, is_shard_path, read_retrieval_set,
+                                                   read_shard_retrieval_set, retrieval_features)
 from chinese_clip.model import ChineseCLIP
 
+DIRECTIONS = {"t2i": "text_to_image", "i2t": "image_to_text"}
+METRICS = {  # task -> the scalar metrics it logs, in table order (%)
+    "retrieval": [f"{d}_R@{k}" for d in DIRECTIONS for k in KS] + ["t2i_mean_recall", "i2t_mean_recall",
+                                                                    "mean_recall"],
+    "classification": ["top1", "top5"],
+}
 
-def evaluate_retrieval(model: ChineseCLIP, data_dir: str | Path, split: str, collator: ImageTextCollator,
+
+def set_path(entry: EvalSetConfig) -> str:
+    """The set's path with environment variables expanded; an unset one is an error, not a literal."""
+    path = os.path.expandvars(entry.path)
+    if "$" in path:
+        raise ConfigError(f"eval set {entry.name}: {entry.path}: an environment variable in it is not set "
+                          f"(export it, or override the set's path)")
+    return path
+
+
+def read_set(entry: EvalSetConfig) -> RetrievalSet:
+    path = set_path(entry)
+    return read_shard_retrieval_set(path) if is_shard_path(path) else read_retrieval_set(path, entry.split)
+
+
+def check_sets(sets: Sequence[EvalSetConfig], best_metric: str | None = None,
+               other_sets: dict[str, str] | None = None) -> None:
+    """Read every set, label list and template file now, so that a wrong path or a malformed line is a
+    ConfigError at start-up and not at the first evaluation hours in. `other_sets` ({name: task}, the
+    synthetic held-out splits) are valid targets of `best_metric` too."""
+    tasks = dict(other_sets or {})
+    for i, entry in enumerate(sets):
+        if not entry.name or not entry.path:
+            raise ConfigError(f"eval.sets[{i}]: give it a name and a path")
+        if entry.name in tasks:
+            raise ConfigError(f"eval set {entry.name}: the name is used twice; names identify sets in the results")
+        if entry.task == "retrieval" and (entry.labels or entry.templates):
+            raise ConfigError(f"eval set {entry.name}: labels and templates apply to task: classification")
+        try:
+            if entry.task == "retrieval":
+                read_set(entry)
+            else:
+                read_labelled_folder(set_path(entry), entry.labels)
+                read_templates(entry.templates)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(e if isinstance(e, ConfigError) else f"eval set {entry.name}: {e}") from None
+        if unknown := sorted(set(entry.reference) - set(METRICS[entry.task])):
+            raise ConfigError(f"eval set {entry.name}: reference metric {unknown[0]} is not one of "
+                              f"{', '.join(METRICS[entry.task])}")
+        tasks[entry.name] = entry.task
+    if best_metric is not None:
+        name, _, metric = best_metric.rpartition("/")
+        if name not in tasks or metric not in METRICS[tasks[name]]:
+            choices = ", ".join(f"{n}/{m}" for n, task in tasks.items() for m in METRICS[task])
+            raise ConfigError(f"eval.best_metric {best_metric!r} is not a metric of an evaluated set; "
+                              f"choose one of: {choices or 'none (no sets are evaluated)'}")
+
+
+def evaluate_set(model: ChineseCLIP, entry: EvalSetConfig, collator: ImageTextCollator, device: torch.device,
+                 batch_size: int = 256, features_dir: Path | None = None) -> dict:
+    """One set's full result (as results.json and eval.json hold it). Every rank calls it together."""
+    if entry.task == "classification":
+        return evaluate_classification(model, set_path(entry), collator, device, read_templates(entry.templates),
+                                       batch_size, entry.labels)
+    return evaluate_retrieval(model, entry, collator, device, batch_size, features_dir)
+
+
+def evaluate_retrieval(model: ChineseCLIP, entry: EvalSetConfig, collator: ImageTextCollator,
                        device: torch.device, batch_size: int = 256, features_dir: Path | None = None) -> dict:
-    """Text<->image recall on a set in Chinese-CLIP's layout; images get Chinese-CLIP's evaluation
-    transform (square bicubic resize). With `features_dir`, rank 0 also writes the features in
-    Chinese-CLIP's jsonl format, for its make_topk_predictions*.py and evaluation*.py."""
-    data = read_retrieval_set(data_dir, split)
+    """Text<->image recall; images get Chinese-CLIP's evaluation transform (square bicubic resize).
+    With `features_dir`, rank 0 also writes the features in Chinese-CLIP's jsonl format, for its
+    make_topk_predictions*.py and evaluation*.py."""
+    data = read_set(entry)
     transform = build_transform(DataConfig(transform="resize"), model.cfg.vision.image_size)
     texts, images = retrieval_features(model, data, collator, transform, device, batch_size)
     if features_dir is not None and rank() == 0:
         features_dir.mkdir(parents=True, exist_ok=True)
-        write_cn_clip_features(features_dir / f"{split}_imgs.img_feat.jsonl", data.image_ids, images, "image")
-        write_cn_clip_features(features_dir / f"{split}_texts.txt_feat.jsonl", data.text_ids, texts, "text")
-    return {"task": "retrieval", "data": str(data_dir), "split": split, "texts": len(texts), "images": len(images),
-            **retrieval_metrics(texts, images, data.text_to_images)}
+        write_cn_clip_features(features_dir / f"{entry.split}_imgs.img_feat.jsonl", data.image_ids, images, "image")
+        write_cn_clip_features(features_dir / f"{entry.split}_texts.txt_feat.jsonl", data.text_ids, texts, "text")
+    return {"task": "retrieval", "data": set_path(entry), "split": entry.split, "texts": len(texts),
+            "images": len(images), **retrieval_metrics(texts, images, data.text_to_images)}
 
 
-def markdown_table(results: dict[str, dict]) -> str:
-    """{set name: result} -> a retrieval table (R@1/5/10 both ways, mean recall) and a classification
-    table (top-1, top-5, and the hashes of the labels and templates used), for the sets there are."""
+def sets_evaluator(sets: Sequence[EvalSetConfig], collator: ImageTextCollator, device: torch.device,
+                   batch_size: int = 256) -> Callable[[ChineseCLIP], dict[str, dict]]:
+    """model -> {set name: result}, for the Trainer."""
+    def evaluate(model: ChineseCLIP) -> dict[str, dict]:
+        return {entry.name: evaluate_set(model, entry, collator, device, batch_size) for entry in sets}
+
+    return evaluate
+
+
+def scalar_metrics(result: dict) -> dict[str, float]:
+    """What is logged of a result: the retrieval recalls flattened (t2i_R@1, ..., each direction's
+    mean, mean_recall), else its numbers (top1, top5, counts)."""
+    if result.get("task") == "retrieval":
+        flat = {}
+        for short, direction in DIRECTIONS.items():
+            recalls = {f"{short}_R@{k}": result[direction][f"R@{k}"] for k in KS}
+            flat.update(recalls, **{f"{short}_mean_recall": sum(recalls.values()) / len(recalls)})
+        return {**flat, "mean_recall": result["mean_recall"]}
+    return {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def markdown_table(results: dict[str, dict], references: dict[str, dict[str, float]] | None = None,
+                   reference_name: str = "published") -> str:
+    """{set name: result} -> a retrieval table and a classification table (with the hashes of the labels
+    and templates used), for the sets there are; a set's `references` (metric -> %) in a row below it."""
+    references = references or {}
     tables = []
-    retrieval = {name: r for name, r in results.items() if r["task"] == "retrieval"}
-    if retrieval:
-        header = ["set"] + [f"t2i R@{k}" for k in KS] + [f"i2t R@{k}" for k in KS] + ["MR"]
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for name, r in retrieval.items():
-            cells = [r["text_to_image"][f"R@{k}"] for k in KS] + [r["image_to_text"][f"R@{k}"] for k in KS]
-            lines.append(f"| {name} | " + " | ".join(f"{c:.2f}" for c in cells + [r["mean_recall"]]) + " |")
-        tables.append("\n".join(lines))
-    classification = {name: r for name, r in results.items() if r["task"] == "classification"}
-    if classification:
-        lines = ["| set | top-1 | top-5 | images | classes | labels sha256 | templates sha256 |", "|" + "---|" * 7]
-        for name, r in classification.items():
-            lines.append(f"| {name} | {r['top1']:.2f} | {r['top5']:.2f} | {r['images']} | {r['classes']} | "
-                         f"{r['labels_sha256']} | {r['templates_sha256']} ({r['templates']}) |")
+    for task, headers in (("retrieval", [f"{d} R@{k}" for d in DIRECTIONS for k in KS] + ["t2i MR", "i2t MR", "MR"]),
+                          ("classification", ["top-1", "top-5", "images", "classes", "labels sha256",
+                                              "templates sha256"])):
+        chosen = {name: r for name, r in results.items() if r.get("task") == task}
+        if not chosen:
+            continue
+        lines = ["| set | " + " | ".join(headers) + " |", "|" + "---|" * (len(headers) + 1)]
+        for name, result in chosen.items():
+            cells = [f"{scalar_metrics(result)[m]:.2f}" for m in METRICS[task]]
+            if task == "classification":
+                cells += [str(result["images"]), str(result["classes"]), result["labels_sha256"],
+                          f"{result['templates_sha256']} ({result['templates']})"]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            if name in references:
+                cells = [f"{references[name][m]:.1f}" if m in references[name] else "–" for m in METRICS[task]]
+                lines.append(f"| {name}: {reference_name} | " + " | ".join(cells + ["–"] * (len(headers) - len(cells)))
+                             + " |")
         tables.append("\n".join(lines))
     return "\n\n".join(tables)

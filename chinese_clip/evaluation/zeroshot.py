@@ -32,7 +32,7 @@ def class_embeddings(model: ChineseCLIP, tokenizer: ChineseTokenizer, class_name
 def zero_shot_classification(model: ChineseCLIP, tokenizer: ChineseTokenizer, dataset: Dataset,
                              collate_fn: Callable, class_names: Sequence[str], templates: Sequence[str],
                              device: torch.device, batch_size: int = 256) -> dict:
-    """Top-1 / top-5 accuracy of `dataset` (samples carry "label") against all `class_names`."""
+    """Top-1 / top-5 accuracy (%) of `dataset` (samples carry "label") against all `class_names`."""
     if len(dataset) == 0:
         raise ValueError("zero-shot classification needs at least one image")
     was_training = model.training
@@ -56,10 +56,10 @@ def zero_shot_classification(model: ChineseCLIP, tokenizer: ChineseTokenizer, da
     counts = sum_across_ranks(torch.tensor([top1, topk, len(shard)], dtype=torch.float64, device=device))
     model.train(was_training)
     n = int(counts[2].item())
-    return {
-        "top1": counts[0].item() / n,
-        f"top{k}": counts[1].item() / n,
+    return {  # in %, as every other evaluation reports
+        "top1": 100.0 * counts[0].item() / n,
+        f"top{k}": 100.0 * counts[1].item() / n,
         "num_images": n,
         "num_classes": len(class_names),
-        "chance_top1": 1 / len(class_names),
+        "chance_top1": 100.0 / len(class_names),
     }

@@ -1,0 +1,156 @@
+"""Evaluation sets as configs and the suite file: retrieval on our shards, cn_clip's ImageNet labels,
+errors at start-up for every bad set, the suite run into one table beside the published numbers."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from chinese_clip.checkpoints import save_pretrained
+from chinese_clip.config import Config, ConfigError, EvalSetConfig, load_config
+from chinese_clip.data.images import encode_jpeg
+from chinese_clip.data.readers import read_cn_clip_tsv
+from chinese_clip.data.shards import SCHEMA, build_shards
+from chinese_clip.data.synthetic import SyntheticShapes
+from chinese_clip.evaluation.classification import digest, read_labelled_folder
+from chinese_clip.evaluation.retrieval_set import read_shard_retrieval_set
+from chinese_clip.evaluation.tasks import check_sets, markdown_table
+from chinese_clip.model import ChineseCLIP
+from tests.test_evaluate import write_folder
+from tests.test_retrieval_set import TINY, write_set
+
+ROOT = Path(__file__).resolve().parents[1]
+EVALUATE = str(ROOT / "recipes" / "evaluate.py")
+SUITE = ROOT / "recipes" / "configs" / "eval_suite_zh.yaml"
+
+
+def test_shard_pairs_become_a_retrieval_set_of_distinct_images_and_captions(tmp_path):
+    shapes = SyntheticShapes("train", 3, 32)
+    one, two, three = (encode_jpeg(shapes[i]["image"]) for i in range(3))
+    rows = [("a", "红色圆形", one), ("b", "一个圆", one), ("c", "红色圆形", two), ("d", "蓝色方块", three),
+            ("e", "红色圆形", one)]  # e repeats pair a
+    pq.write_table(pa.Table.from_pylist([{"id": i, "caption": c, "image": im, "width": 32, "height": 32, "source": i}
+                                         for i, c, im in rows], schema=SCHEMA), tmp_path / "shard-00000.parquet")
+    data = read_shard_retrieval_set(tmp_path)
+    assert data.image_ids == ["a", "c", "d"] and data.text_ids == ["a", "b", "d"]
+    assert data.texts == ["红色圆形", "一个圆", "蓝色方块"]
+    assert data.text_to_images == [[0, 1], [0], [2]]
+
+
+def test_cn_clips_imagenet_names_label_a_thousand_class_folders(tmp_path):
+    for label in range(1000):
+        (tmp_path / "test" / f"{label:03d}").mkdir(parents=True)
+    SyntheticShapes("train", 1, 32)[0]["image"].save(tmp_path / "test" / "001" / "goldfish.png")
+    data = read_labelled_folder(tmp_path / "test", "cn_clip")
+    assert len(data.class_names) == 1000 and data.class_names[:2] == ["丁鲷", "金鱼"]
+    assert data.labels == [1] and len(data.empty_classes) == 999 and digest(data.class_names) == "e995c9fbc60a"
+    (tmp_path / "test" / "999").rmdir()
+    with pytest.raises(ValueError, match="999 class folders but cn_clip's imagenet_classnames names 1000"):
+        read_labelled_folder(tmp_path / "test", "cn_clip")
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sets")
+    return {"retrieval": write_set(root / "MUGE"), "classification": write_folder(root / "shapes")}
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(path="/nowhere"), "eval set s: /nowhere/valid_imgs.tsv: no such file"),
+    (dict(path="${NO_SUCH_VARIABLE}/MUGE"), "an environment variable in it is not set"),
+    (dict(split="test"), "test_imgs.tsv: no such file"),
+    (dict(reference={"R@1": 50.0}), "reference metric R@1 is not one of t2i_R@1"),
+    (dict(labels="x.txt"), "labels and templates apply to task: classification"),
+    (dict(task="classification", labels="/none.txt"), "/none.txt: no such label file"),
+    (dict(task="classification", templates="/none.txt"), "/none.txt: no such template file"),
+    (dict(name=""), r"eval.sets\[0\]: give it a name and a path"),
+])
+def test_a_bad_set_is_a_config_error_naming_it(sets, change, message):
+    entry = EvalSetConfig(name="s", path=str(sets[change.get("task", "retrieval")]))
+    for key, value in change.items():
+        setattr(entry, key, value)
+    with pytest.raises(ConfigError, match=message):
+        check_sets([entry])
+
+
+def test_best_metric_must_name_a_metric_of_an_evaluated_set(sets):
+    retrieval = EvalSetConfig(name="MUGE", path=str(sets["retrieval"]))
+    check_sets([retrieval], "MUGE/t2i_mean_recall")
+    check_sets([], "val/top1", {"val": "classification"})
+    with pytest.raises(ConfigError, match="choose one of: MUGE/t2i_R@1, .*, MUGE/mean_recall"):
+        check_sets([retrieval], "MUGE/top1")
+    with pytest.raises(ConfigError, match="the name is used twice"):
+        check_sets([retrieval, retrieval])
+
+
+def test_a_training_config_with_a_bad_set_stops_before_training(sets, tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "recipes" / "pretrain.py"), f"run.output_dir={tmp_path}",
+                             f"eval.sets=[{{name: shapes, task: classification, path: {sets['classification']}, "
+                             "labels: /none.txt}]"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == \
+        "error: eval set shapes: /none.txt: no such label file"
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_the_table_puts_published_numbers_under_ours():
+    result = {"task": "retrieval", "text_to_image": {"R@1": 10.0, "R@5": 20.0, "R@10": 30.0},
+              "image_to_text": {"R@1": 40.0, "R@5": 50.0, "R@10": 60.0}, "mean_recall": 35.0}
+    table = markdown_table({"MUGE": result}, {"MUGE": {"t2i_R@1": 52.1, "t2i_mean_recall": 71.1}}, "CN-CLIP")
+    lines = table.splitlines()
+    assert lines[0] == "| set | t2i R@1 | t2i R@5 | t2i R@10 | i2t R@1 | i2t R@5 | i2t R@10 | t2i MR | i2t MR | MR |"
+    assert lines[2] == "| MUGE | 10.00 | 20.00 | 30.00 | 40.00 | 50.00 | 60.00 | 20.00 | 50.00 | 35.00 |"
+    assert lines[3] == "| MUGE: CN-CLIP | 52.1 | – | – | – | – | – | 71.1 | – | – |"
+
+
+def write_datapath(root: Path) -> Path:
+    """${DATAPATH} as the suite expects it, with tiny sets (the suite's split names)."""
+    datasets = root / "datasets"
+    write_set(datasets / "MUGE")
+    for name in ("Flickr30k-CN", "COCO-CN"):
+        write_set(datasets / name, images=4, texts=6)
+        for kind in ("imgs.tsv", "texts.jsonl"):
+            (datasets / name / f"valid_{kind}").rename(datasets / name / f"test_{kind}")
+    write_folder(datasets / "ImageNet-1K", per_class=(2, 1, 1))
+    return root
+
+
+def test_the_suite_runs_every_set_into_one_table_beside_chinese_clips_numbers(tmp_path):
+    datapath = write_datapath(tmp_path / "data")
+    shards = tmp_path / "shards"
+    build_shards(read_cn_clip_tsv(datapath / "datasets" / "MUGE", "valid"), shards, rows_per_shard=4)
+    torch.manual_seed(0)
+    save_pretrained(ChineseCLIP(TINY).state_dict(), Config(model=TINY), tmp_path / "model")
+    command = [sys.executable, EVALUATE, "--model", str(tmp_path / "model"), "--config", str(SUITE),
+               "--retrieval", str(shards), "--out", str(tmp_path / "out"), "--batch-size", "4"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                            env={**os.environ, "DATAPATH": str(datapath)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert list(saved["results"]) == ["MUGE", "Flickr30K-CN", "COCO-CN", "ImageNet-CN", "shards"]
+    assert (saved["results"]["COCO-CN"]["texts"], saved["results"]["ImageNet-CN"]["images"]) == (6, 4)
+    # the shards hold MUGE's pairs: its 7 captions and 5 images (re-encoded, so the scores may differ)
+    assert (saved["results"]["shards"]["texts"], saved["results"]["shards"]["images"]) == (7, 5)
+    assert saved["reference"]["scores"]["ImageNet-CN"] == {"top1": 48.3}
+    assert saved["results"]["ImageNet-CN"]["labels_from"] == str(datapath / "datasets" / "ImageNet-1K" / "label_cn.txt")
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| MUGE: CN-CLIP ViT-B/16 (published, zero-shot) | 52.1 | 76.7 | 84.4 | – | – | – | 71.1 | – | – |" in table
+    assert "| ImageNet-CN: CN-CLIP ViT-B/16 (published, zero-shot) | 48.3 | – |" in table
+    assert "| Flickr30K-CN |" in result.stdout
+
+    unset = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                           env={k: v for k, v in os.environ.items() if k != "DATAPATH"})
+    assert unset.returncode == 1 and unset.stderr.strip().splitlines()[-1] == (
+        "error: eval set MUGE: ${DATAPATH}/datasets/MUGE: an environment variable in it is not set "
+        "(export it, or override the set's path)")
+
+
+def test_the_suite_file_is_a_config_of_four_sets():
+    cfg = load_config(SUITE)
+    assert [(s.name, s.task, s.split) for s in cfg.eval.sets] == [
+        ("MUGE", "retrieval", "valid"), ("Flickr30K-CN", "retrieval", "test"), ("COCO-CN", "retrieval", "test"),
+        ("ImageNet-CN", "classification", "valid")]
