@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--templates", type=Path, help="prompt templates, one per line with {} for the class name")
     parser.add_argument("--out", type=Path, default=Path("results"))
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--context-length", type=int, default=52)
+    parser.add_argument("--context-length", type=int,
+                        help="text tokens (default: --config's data.context_length, else Chinese-CLIP's 52)")
     parser.add_argument("--save-features", action="store_true")
     args = parser.parse_args(argv)
     if args.overrides and not args.config:
@@ -83,7 +84,8 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator = build_accelerator(TrainConfig(), args.out)
     model = model.to(accelerator.device)
     accelerator.print(f"model: {args.model}  processes: {accelerator.num_processes}  device: {accelerator.device}")
-    collator = build_collator(DataConfig(), load_tokenizer(pretrained_vocab(args.model), args.context_length))
+    context_length = args.context_length or cfg.data.context_length
+    collator = build_collator(DataConfig(), load_tokenizer(pretrained_vocab(args.model), context_length))
     results = {}
     for entry in sets:
         features = args.out / "features" / entry.name if args.save_features else None

@@ -1,4 +1,4 @@
-"""Evaluation inside training: a tiny model trained on synthetic data on 2 ranks evaluates a set in
+"""Evaluation inside training: a tiny model trained on synthetic data on 2 ZeRO-3 ranks evaluates a set in
 Chinese-CLIP's layout, a labelled folder and our shards every few steps; recipes/evaluate.py scores
 the saved model exactly as the run did; the best weights are kept, and a resumed run keeps the same
 best; evaluating does not change what trains."""
@@ -18,7 +18,7 @@ from tests.test_retrieval_set import write_set
 from tests.test_train import SHORT, run_ok
 
 ROOT = Path(__file__).resolve().parents[1]
-TWO_RANKS = ["--config_file", str(ROOT / "ds_configs" / "accelerate" / "cpu_2proc_zero2.yaml")]
+TWO_RANKS = ["--use_deepspeed", "--deepspeed_config_file", str(ROOT / "ds_configs" / "zero3.json")]
 STEPS = ["train.steps=12", "checkpoint.every_steps=6", "eval.every_steps=6", "eval.at_start=true",
          "data.batch_size=16"]
 
@@ -60,7 +60,7 @@ def test_the_recipe_scores_the_saved_model_as_the_run_did(trained):
     out = root / "recipe"
     result = subprocess.run([sys.executable, str(ROOT / "recipes" / "evaluate.py"), "--model", str(run_dir / "model"),
                              "--config", str(ROOT / "recipes" / "configs" / "tiny_synthetic.yaml"), sets,
-                             "--out", str(out), "--batch-size", "16", "--context-length", "32"],
+                             "--out", str(out), "--batch-size", "16"],  # the config's context length, 32
                             capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     recipe = json.loads((out / "results.json").read_text())["results"]
