@@ -174,7 +174,9 @@ class EvalSetConfig:
     # classification: a label file (one Chinese class name per line, in sub-folder order), "cn_clip"
     # (the ImageNet class names in the cn_clip package), or unset: label_cn.txt in or beside the folder
     labels: Optional[str] = None
-    templates: Optional[str] = None  # classification: a file, one prompt per line with {}; unset: cn_clip's
+    # classification: a file (one prompt per line, {} for the class name), cn_clip:<name> (one of the
+    # lists in cn_clip: food, aircraft, ..., imagenet), or unset: the 183 Chinese-CLIP's zero-shot script uses
+    templates: Optional[str] = None
     reference: dict[str, float] = field(default_factory=dict)  # published scores to show beside ours, metric -> %
 
 

@@ -22,6 +22,12 @@ def default_vocab_path() -> Path:
     return Path(cn_clip.clip.__file__).parent / "vocab.txt"
 
 
+def chinese_clip_text(text: str) -> str:
+    """What Chinese-CLIP does to every text before tokenizing it (training captions, evaluation texts,
+    zero-shot prompts): curly double quotes become straight ones. Its lower-casing is the tokenizer's."""
+    return text.replace("“", '"').replace("”", '"')
+
+
 class ChineseTokenizer:
     """`tok(texts, context_length)` -> {"input_ids", "attention_mask"}: LongTensors [N, context_length]."""
 

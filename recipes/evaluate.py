@@ -19,10 +19,11 @@ the mean of all six, in %) go to results.json and results.md in --out and are pr
 --classification takes an image folder with one sub-folder per class (sorted by name) and, after a
 colon, a label file (line i: the i-th folder's Chinese class name) or "cn_clip" for the ImageNet
 class names in the cn_clip package; without one, the label_cn.txt in or beside the folder, as
-Chinese-CLIP's zero-shot datasets come. Prompts are cn_clip's Chinese ImageNet templates unless
---templates names a file (one template per line, {} for the class name); each class embedding is
-the mean over the templates. It reports top-1, top-5 and per-class top-1 and the sha256 of the
-labels and templates.
+Chinese-CLIP's zero-shot datasets come. Prompts are the 183 that Chinese-CLIP's zero-shot script
+uses for ImageNet unless --templates names a file (one template per line, {} for the class name)
+or another cn_clip list (cn_clip:food, cn_clip:aircraft, ... cn_clip:imagenet); each class
+embedding is the mean over the templates. It reports top-1, top-5 and per-class top-1 and the
+sha256 of the labels and templates.
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def flag_sets(args: argparse.Namespace) -> list[EvalSetConfig]:
     for entry in args.classification:
         path, _, labels = entry.partition(":")
         sets.append(EvalSetConfig(name=Path(path).name, task="classification", path=path, labels=labels or None,
-                                  templates=str(args.templates) if args.templates else None))
+                                  templates=args.templates))
     return sets
 
 
@@ -63,7 +64,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of --config")
     parser.add_argument("--retrieval", action="append", default=[], metavar="DIR[:SPLIT]")
     parser.add_argument("--classification", action="append", default=[], metavar="FOLDER[:LABELS]")
-    parser.add_argument("--templates", type=Path, help="prompt templates, one per line with {} for the class name")
+    parser.add_argument("--templates", metavar="FILE|cn_clip:NAME",
+                        help="prompt templates: a file (one per line, {} for the class name) or a list in cn_clip")
     parser.add_argument("--out", type=Path, default=Path("results"))
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--context-length", type=int,

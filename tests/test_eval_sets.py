@@ -154,3 +154,47 @@ def test_the_suite_file_is_a_config_of_four_sets():
     assert [(s.name, s.task, s.split) for s in cfg.eval.sets] == [
         ("MUGE", "retrieval", "valid"), ("Flickr30K-CN", "retrieval", "test"), ("COCO-CN", "retrieval", "test"),
         ("ImageNet-CN", "classification", "valid")]
+
+
+def test_zero_shot_classification_equals_chinese_clips_own_classifier_and_scoring(tmp_path, monkeypatch):
+    """cn_clip's zeroshot_evaluation.py (text preprocessing, per-prompt normalisation, template mean,
+    its default templates) on the same weights and pixels: the same class embeddings and top-1."""
+    from types import SimpleNamespace
+
+    from cn_clip.clip.model import CLIP
+    from cn_clip.eval import zeroshot_evaluation
+    from cn_clip.eval.cvinw_zeroshot_templates import openai_templates
+
+    from chinese_clip.checkpoints import load_pretrained
+    from chinese_clip.config import DataConfig
+    from chinese_clip.data.loaders import build_collator
+    from chinese_clip.data.transforms import build_transform, decode
+    from chinese_clip.evaluation.classification import chinese_clip_templates, evaluate_classification
+    from chinese_clip.evaluation.zeroshot import class_embeddings
+    from chinese_clip.tokenizer import load_tokenizer
+    from tests.test_finetune import TINY_CN_CLIP, cn_clip_checkpoint
+
+    checkpoint = cn_clip_checkpoint(tmp_path / "tiny.pt")
+    theirs = CLIP(**TINY_CN_CLIP).float().eval()
+    theirs.load_state_dict({k.removeprefix("module."): v for k, v in torch.load(checkpoint)["state_dict"].items()})
+    ours = load_pretrained(checkpoint).eval()
+    folder = write_folder(tmp_path / "set", per_class=(3, 2, 3))
+    names = ["“红色”圆形", "Red 正方形", "蓝色三角形"]  # curly quotes and capitals: its preprocessing matters
+    (tmp_path / "set" / "label_cn.txt").write_text("\n".join(names), encoding="utf-8")
+    collator = build_collator(DataConfig(), load_tokenizer(None, 52))
+    device = torch.device("cpu")
+
+    args = SimpleNamespace(context_length=52, gpu=device)
+    classifier = zeroshot_evaluation.zero_shot_classifier(theirs, names, openai_templates, args)  # [D, C]
+    assert chinese_clip_templates() == [template("{}") for template in openai_templates]
+    ours_classifier = class_embeddings(ours, collator.tokenizer, names, chinese_clip_templates(), device, 50)
+    assert torch.allclose(ours_classifier.T, classifier, atol=1e-5)
+
+    # cn_clip 1.6.0's accuracy() calls float() on a 1-element array, which numpy 2 refuses.
+    monkeypatch.setattr(zeroshot_evaluation, "float", lambda x: x.item() if hasattr(x, "item") else x, raising=False)
+    data = read_labelled_folder(folder)
+    transform = build_transform(DataConfig(transform="resize"), 64)
+    pixels = collator.pixel_batch([transform(decode(f.read_bytes())) for f in data.files])
+    top1, _ = zeroshot_evaluation.run(theirs, classifier, [(pixels, torch.tensor(data.labels))], args)
+    result = evaluate_classification(ours, folder, collator, device, chinese_clip_templates(), batch_size=4)
+    assert result["top1"] == pytest.approx(100 * top1) and result["images"] == 8

@@ -19,26 +19,38 @@ from chinese_clip.config import DataConfig
 from chinese_clip.data.collate import ImageTextCollator
 from chinese_clip.data.readers import IMAGE_SUFFIXES
 from chinese_clip.data.transforms import UnusableSample, build_transform, decode
-from chinese_clip.evaluation.retrieval_set import encode_sharded
+from chinese_clip.evaluation.features import encode_sharded
 from chinese_clip.evaluation.zeroshot import class_embeddings
 from chinese_clip.model import ChineseCLIP
 
 LABEL_FILE = "label_cn.txt"
-CN_CLIP_LABELS = "cn_clip"  # as a label file name: the ImageNet class names in the cn_clip package
+CN_CLIP = "cn_clip"  # labels: cn_clip is its ImageNet class names; templates: cn_clip:<name> one of its lists
+DEFAULT_TEMPLATES = "openai"  # the list Chinese-CLIP's zeroshot_evaluation.py uses for ImageNet
 
 
-def chinese_clip_templates() -> list[str]:
-    """The Chinese ImageNet prompt templates cn_clip ships (as "{}" format strings)."""
-    from cn_clip.eval.imagenet_zeroshot_templates import openai_imagenet_template
+def chinese_clip_templates(name: str = DEFAULT_TEMPLATES) -> list[str]:
+    """A prompt template list shipped with cn_clip, as "{}" format strings: "openai" (183 prompts; what
+    its zeroshot_evaluation.py uses for ImageNet and every dataset without its own), a dataset's own
+    ("food", "aircraft", "eurosat", ... as cvinw_zeroshot_templates names them), or "imagenet" (the
+    80 of imagenet_zeroshot_templates, which that script does not use)."""
+    from cn_clip.eval import cvinw_zeroshot_templates, imagenet_zeroshot_templates
 
-    return [template("{}") for template in openai_imagenet_template]
+    if name == "imagenet":
+        return [template("{}") for template in imagenet_zeroshot_templates.openai_imagenet_template]
+    known = sorted(n.removesuffix("_templates") for n in dir(cvinw_zeroshot_templates) if n.endswith("_templates"))
+    if name not in known:
+        raise ValueError(f"cn_clip has no template list {name!r}; it has {', '.join(known)} and imagenet")
+    return [template("{}") for template in getattr(cvinw_zeroshot_templates, f"{name}_templates")]
 
 
-def read_templates(path: str | Path | None) -> list[str]:
-    """A template file (one prompt per line, {} for the class name), or cn_clip's for None."""
-    if path is None:
+def read_templates(source: str | Path | None) -> list[str]:
+    """Prompt templates from a file (one per line, {} for the class name), from cn_clip for
+    "cn_clip:<name>" (see chinese_clip_templates), or cn_clip's default for None."""
+    if source is None:
         return chinese_clip_templates()
-    path = Path(path)
+    if str(source).startswith(f"{CN_CLIP}:"):
+        return chinese_clip_templates(str(source).removeprefix(f"{CN_CLIP}:"))
+    path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such template file")
     templates = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -51,7 +63,7 @@ def read_labels(directory: Path, labels: str | Path | None) -> tuple[list[str], 
     """(class names, where they came from): a label file, label_cn.txt in or beside `directory` for
     None, or the ImageNet class names in the cn_clip package for "cn_clip". Those differ from the
     label_cn.txt in Chinese-CLIP's repository (datasets/ImageNet-1K) in 241 of 1,000 names."""
-    if labels == CN_CLIP_LABELS:
+    if labels == CN_CLIP:
         from cn_clip.eval.imagenet_zeroshot_templates import imagenet_classnames
 
         return list(imagenet_classnames), "cn_clip's imagenet_classnames"
@@ -123,7 +135,7 @@ def evaluate_classification(model: ChineseCLIP, directory: str | Path, collator:
     transform = build_transform(DataConfig(transform="resize"), model.cfg.vision.image_size)
     was_training = model.training
     model.eval()
-    classifier = class_embeddings(model, collator.tokenizer, data.class_names, templates, device).float()  # [C, D]
+    classifier = class_embeddings(model, collator.tokenizer, data.class_names, templates, device, batch_size)  # [C, D]
 
     def images(indices: Sequence[int]) -> torch.Tensor:
         pixels = []

@@ -5,28 +5,26 @@
 
 Every malformed line is an error that names the file, the line and the id, before any feature is
 computed: a text pointing at an image the tsv lacks would otherwise silently lower recall.
-Features are computed by every rank on its share of the texts and images and gathered in order.
 """
 from __future__ import annotations
 
 import base64
 import binascii
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from tqdm import tqdm
 
 from chinese_clip.data.collate import ImageTextCollator
 from chinese_clip.data.stream import image_id, shard_files
 from chinese_clip.data.transforms import UnusableSample, decode
-from chinese_clip.distributed import gather_without_grad, rank, world_size
+from chinese_clip.evaluation.features import encode_sharded
 from chinese_clip.model import ChineseCLIP
+from chinese_clip.tokenizer import chinese_clip_text
 
 
 URL_SAFE = str.maketrans("-_", "+/")
@@ -119,25 +117,11 @@ def read_shard_retrieval_set(path: str | Path) -> RetrievalSet:
     return RetrievalSet(image_ids, images, text_ids, texts, matches)
 
 
-@torch.no_grad()
-def encode_sharded(count: int, encode_batch: Callable[[list[int]], torch.Tensor], batch_size: int,
-                   desc: str) -> torch.Tensor:
-    """[count, D]: rank r encodes items r, r + W, ...; every rank makes the same number of forward calls
-    (a forward is collective under ZeRO-3), padding its share with a repeat that is dropped."""
-    share = list(range(rank(), count, world_size()))
-    per_rank = math.ceil(count / world_size())
-    padded = share + [share[0] if share else 0] * (per_rank - len(share))
-    batches = range(0, per_rank, batch_size)
-    local = torch.cat([encode_batch(padded[s:s + batch_size]).float()
-                       for s in tqdm(batches, desc=desc, disable=rank() != 0, mininterval=1.0)])  # [per_rank, D]
-    gathered = gather_without_grad(local)  # rank-major: rank r's rows at [r * per_rank, (r + 1) * per_rank)
-    return gathered[[(i % world_size()) * per_rank + i // world_size() for i in range(count)]]
-
-
 def retrieval_features(model: ChineseCLIP, data: RetrievalSet, collator: ImageTextCollator, transform,
                        device: torch.device, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """(text features [T, D], image features [I, D]), L2-normalised, on the CPU. Texts go through the
-    collator's tokenizer, images through `transform` and its normalisation."""
+    """(text features [T, D], image features [I, D]), L2-normalised, on the CPU. Texts go through
+    Chinese-CLIP's text preprocessing and the collator's tokenizer, images through `transform` and
+    its normalisation."""
     def images(indices: Sequence[int]) -> torch.Tensor:
         pixels = []
         for i in indices:
@@ -148,7 +132,8 @@ def retrieval_features(model: ChineseCLIP, data: RetrievalSet, collator: ImageTe
         return model.encode_image(collator.pixel_batch(pixels).to(device))
 
     def texts(indices: Sequence[int]) -> torch.Tensor:
-        tokens = {k: v.to(device) for k, v in collator.tokenizer([data.texts[i] for i in indices]).items()}
+        batch = [chinese_clip_text(data.texts[i]) for i in indices]
+        tokens = {k: v.to(device) for k, v in collator.tokenizer(batch).items()}
         return model.encode_text(tokens["input_ids"], tokens["attention_mask"])
 
     was_training = model.training

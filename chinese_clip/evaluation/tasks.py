@@ -16,7 +16,8 @@ from chinese_clip.config import ConfigError, DataConfig, EvalSetConfig
 from chinese_clip.data.collate import ImageTextCollator
 from chinese_clip.data.transforms import build_transform
 from chinese_clip.distributed import rank
-from chinese_clip.evaluation.classification import evaluate_classification, read_labelled_folder, read_templates
+from chinese_clip.evaluation.classification import (CN_CLIP, DEFAULT_TEMPLATES, evaluate_classification,
+                                                    read_labelled_folder, read_templates)
 from chinese_clip.evaluation.retrieval import KS, retrieval_metrics, write_cn_clip_features
 from chinese_clip.evaluation.retrieval_set import (RetrievalSet, is_shard_path, read_retrieval_set,
                                                    read_shard_retrieval_set, retrieval_features)
@@ -81,8 +82,9 @@ def evaluate_set(model: ChineseCLIP, entry: EvalSetConfig, collator: ImageTextCo
                  batch_size: int = 256, features_dir: Path | None = None) -> dict:
     """One set's full result (as results.json and eval.json hold it). Every rank calls it together."""
     if entry.task == "classification":
-        return evaluate_classification(model, set_path(entry), collator, device, read_templates(entry.templates),
-                                       batch_size, entry.labels)
+        result = evaluate_classification(model, set_path(entry), collator, device, read_templates(entry.templates),
+                                         batch_size, entry.labels)
+        return {**result, "templates_from": entry.templates or f"{CN_CLIP}:{DEFAULT_TEMPLATES}"}
     return evaluate_retrieval(model, entry, collator, device, batch_size, features_dir)
 
 

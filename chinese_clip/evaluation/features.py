@@ -1,0 +1,26 @@
+"""Features of many items (texts, images, class prompts) computed across ranks: every rank encodes
+its share in batches and all of them get every feature, in the items' order."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from chinese_clip.distributed import gather_without_grad, rank, world_size
+
+
+@torch.no_grad()
+def encode_sharded(count: int, encode_batch: Callable[[list[int]], torch.Tensor], batch_size: int,
+                   desc: str) -> torch.Tensor:
+    """[count, D]: rank r encodes items r, r + W, ...; every rank makes the same number of forward calls
+    (a forward is collective under ZeRO-3), padding its share with a repeat that is dropped."""
+    share = list(range(rank(), count, world_size()))
+    per_rank = math.ceil(count / world_size())
+    padded = share + [share[0] if share else 0] * (per_rank - len(share))
+    batches = range(0, per_rank, batch_size)
+    local = torch.cat([encode_batch(padded[s:s + batch_size]).float()
+                       for s in tqdm(batches, desc=desc, disable=rank() != 0, mininterval=1.0)])  # [per_rank, D]
+    gathered = gather_without_grad(local)  # rank-major: rank r's rows at [r * per_rank, (r + 1) * per_rank)
+    return gathered[[(i % world_size()) * per_rank + i // world_size() for i in range(count)]]
