@@ -111,3 +111,14 @@ def test_evaluating_does_not_change_what_trains(tmp_path):
     plain, evaluated = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("plain", "evaluated"))
     for name, value in plain.items():
         assert (evaluated[name] == value).all(), name
+
+
+@pytest.mark.slow
+def test_each_stage_end_is_evaluated_and_the_run_end_once(tmp_path):
+    staged = ["--config", str(ROOT / "recipes" / "configs" / "tiny_staged.yaml")]
+    run_ok(tmp_path, staged + SHORT[1:] + ["stages.0.steps=2", "stages.1.steps=2", "stages.1.batch_size=16",
+                                           "stages.2.steps=2", "data.batch_size=16", "eval.at_stage_end=true"])
+    results = json.loads((tmp_path / "eval.json").read_text())
+    assert list(results["during"]) == ["2", "4"] and "after" in results and "best" not in results
+    assert [(line["tag"], line["step"]) for line in evaluations(tmp_path)] == [("during", 2), ("during", 4),
+                                                                               ("after", 6)]
