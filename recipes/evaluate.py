@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from chinese_clip.checkpoints import load_pretrained, pretrained_vocab
-from chinese_clip.config import Config, ConfigError, DataConfig, EvalSetConfig, TrainConfig, load_config
+from chinese_clip.config import Config, ConfigError, EvalSetConfig, TrainConfig, load_config
 from chinese_clip.data.loaders import build_collator
 from chinese_clip.evaluation.retrieval_set import is_shard_path
 from chinese_clip.evaluation.tasks import check_sets, evaluate_set, markdown_table
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = model.to(accelerator.device)
     accelerator.print(f"model: {args.model}  processes: {accelerator.num_processes}  device: {accelerator.device}")
     context_length = args.context_length or cfg.data.context_length
-    collator = build_collator(DataConfig(), load_tokenizer(pretrained_vocab(args.model), context_length))
+    collator = build_collator(cfg.data, load_tokenizer(pretrained_vocab(args.model), context_length))
     results = {}
     for entry in sets:
         features = args.out / "features" / entry.name if args.save_features else None

@@ -62,7 +62,8 @@ def sets(tmp_path_factory):
 
 @pytest.mark.parametrize("change, message", [
     (dict(path="/nowhere"), "eval set s: /nowhere/valid_imgs.tsv: no such file"),
-    (dict(path="${NO_SUCH_VARIABLE}/MUGE"), "an environment variable in it is not set"),
+    (dict(path="${NO_SUCH_VARIABLE}/MUGE"), r"eval set s: \$\{NO_SUCH_VARIABLE\}/MUGE: an environment variable in it"),
+    (dict(path="/nowhere/*.parquet"), r"eval set s: shards: /nowhere/\*.parquet matches no file"),
     (dict(split="test"), "test_imgs.tsv: no such file"),
     (dict(reference={"R@1": 50.0}), "reference metric R@1 is not one of t2i_R@1"),
     (dict(labels="x.txt"), "labels and templates apply to task: classification"),

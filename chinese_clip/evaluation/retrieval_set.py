@@ -94,7 +94,7 @@ def read_shard_retrieval_set(path: str | Path) -> RetrievalSet:
     image_index: dict[int, int] = {}  # image hash -> index
     text_index: dict[str, int] = {}
     text_ids, texts, matches = [], [], []
-    for file in shard_files(str(path), what="retrieval set"):
+    for file in shard_files(str(path), what="shards"):
         try:
             batches = pq.ParquetFile(file).iter_batches(columns=["id", "caption", "image"])
             rows = (row for batch in batches for row in batch.to_pylist())

@@ -35,8 +35,8 @@ def set_path(entry: EvalSetConfig) -> str:
     """The set's path with environment variables expanded; an unset one is an error, not a literal."""
     path = os.path.expandvars(entry.path)
     if "$" in path:
-        raise ConfigError(f"eval set {entry.name}: {entry.path}: an environment variable in it is not set "
-                          f"(export it, or override the set's path)")
+        raise ConfigError(f"{entry.path}: an environment variable in it is not set (export it, or override the "
+                          "set's path)")
     return path
 
 
@@ -64,8 +64,8 @@ def check_sets(sets: Sequence[EvalSetConfig], best_metric: str | None = None,
             else:
                 read_labelled_folder(set_path(entry), entry.labels)
                 read_templates(entry.templates)
-        except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(e if isinstance(e, ConfigError) else f"eval set {entry.name}: {e}") from None
+        except (FileNotFoundError, ValueError) as e:  # ConfigError included
+            raise ConfigError(f"eval set {entry.name}: {e}") from None
         if unknown := sorted(set(entry.reference) - set(METRICS[entry.task])):
             raise ConfigError(f"eval set {entry.name}: reference metric {unknown[0]} is not one of "
                               f"{', '.join(METRICS[entry.task])}")
