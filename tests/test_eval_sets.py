@@ -98,6 +98,20 @@ def test_a_training_config_with_a_bad_set_stops_before_training(sets, tmp_path):
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
+def test_an_image_that_does_not_decode_stops_training_at_the_evaluation_with_one_line(tmp_path):
+    import base64
+
+    broken = write_set(tmp_path / "MUGE")
+    lines = (broken / "valid_imgs.tsv").read_text().splitlines()
+    lines[2] = "102\t" + base64.b64encode(b"not an image at all").decode()
+    (broken / "valid_imgs.tsv").write_text("\n".join(lines) + "\n")
+    result = subprocess.run([sys.executable, str(ROOT / "recipes" / "pretrain.py"), f"run.output_dir={tmp_path / 'run'}",
+                             "data.num_workers=0", "data.synthetic.val_size=16", f"eval.sets=[{{name: M, path: {broken}}}]"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: eval set M: image 102: "), result.stderr[-2000:]
+
+
 def test_the_table_puts_published_numbers_under_ours():
     result = {"task": "retrieval", "text_to_image": {"R@1": 10.0, "R@5": 20.0, "R@10": 30.0},
               "image_to_text": {"R@1": 40.0, "R@5": 50.0, "R@10": 60.0}, "mean_recall": 35.0}

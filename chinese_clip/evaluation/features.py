@@ -19,8 +19,11 @@ def encode_sharded(count: int, encode_batch: Callable[[list[int]], torch.Tensor]
     share = list(range(rank(), count, world_size()))
     per_rank = math.ceil(count / world_size())
     padded = share + [share[0] if share else 0] * (per_rank - len(share))
-    batches = range(0, per_rank, batch_size)
-    local = torch.cat([encode_batch(padded[s:s + batch_size]).float()
-                       for s in tqdm(batches, desc=desc, disable=rank() != 0, mininterval=1.0)])  # [per_rank, D]
+    parts = []
+    # closed on an error too, so that the error is not printed into the bar's line
+    with tqdm(range(0, per_rank, batch_size), desc=desc, disable=rank() != 0, mininterval=1.0) as batches:
+        for start in batches:
+            parts.append(encode_batch(padded[start:start + batch_size]).float())
+    local = torch.cat(parts)  # [per_rank, D]
     gathered = gather_without_grad(local)  # rank-major: rank r's rows at [r * per_rank, (r + 1) * per_rank)
     return gathered[[(i % world_size()) * per_rank + i // world_size() for i in range(count)]]

@@ -106,9 +106,16 @@ def evaluate_retrieval(model: ChineseCLIP, entry: EvalSetConfig, collator: Image
 
 def sets_evaluator(sets: Sequence[EvalSetConfig], collator: ImageTextCollator, device: torch.device,
                    batch_size: int = 256) -> Callable[[ChineseCLIP], dict[str, dict]]:
-    """model -> {set name: result}, for the Trainer."""
+    """model -> {set name: result}, for the Trainer. An image that does not decode (check_sets reads
+    the files, not the pixels) stops the run as a ConfigError naming the set and the image."""
     def evaluate(model: ChineseCLIP) -> dict[str, dict]:
-        return {entry.name: evaluate_set(model, entry, collator, device, batch_size) for entry in sets}
+        results = {}
+        for entry in sets:
+            try:
+                results[entry.name] = evaluate_set(model, entry, collator, device, batch_size)
+            except (FileNotFoundError, ValueError) as e:
+                raise ConfigError(f"eval set {entry.name}: {e}") from None
+        return results
 
     return evaluate
 
