@@ -7,7 +7,6 @@ import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 from PIL import Image
 
 from chinese_clip.config import DataConfig, ShardSourceConfig

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from chinese_clip.config import LossConfig
 from chinese_clip.gradient_cache import gradient_cache_step

@@ -1,5 +1,4 @@
 """data_tools/inspect_data.py on a generated table with known sizes and captions."""
-import io
 import json
 import subprocess
 import sys
