@@ -22,9 +22,8 @@ import torch
 from chinese_clip.data.collate import ImageTextCollator
 from chinese_clip.data.stream import image_id, shard_files
 from chinese_clip.data.transforms import UnusableSample, decode
-from chinese_clip.evaluation.features import encode_sharded
+from chinese_clip.evaluation.features import encode_sharded, encode_texts
 from chinese_clip.model import ChineseCLIP
-from chinese_clip.tokenizer import chinese_clip_text
 
 
 URL_SAFE = str.maketrans("-_", "+/")
@@ -132,9 +131,7 @@ def retrieval_features(model: ChineseCLIP, data: RetrievalSet, collator: ImageTe
         return model.encode_image(collator.pixel_batch(pixels).to(device))
 
     def texts(indices: Sequence[int]) -> torch.Tensor:
-        batch = [chinese_clip_text(data.texts[i]) for i in indices]
-        tokens = {k: v.to(device) for k, v in collator.tokenizer(batch).items()}
-        return model.encode_text(tokens["input_ids"], tokens["attention_mask"])
+        return encode_texts(model, collator.tokenizer, [data.texts[i] for i in indices], device)
 
     was_training = model.training
     model.eval()

@@ -13,9 +13,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from chinese_clip.distributed import rank, sum_across_ranks, world_size
-from chinese_clip.evaluation.features import encode_sharded
+from chinese_clip.evaluation.features import encode_sharded, encode_texts
 from chinese_clip.model import ChineseCLIP
-from chinese_clip.tokenizer import ChineseTokenizer, chinese_clip_text
+from chinese_clip.tokenizer import ChineseTokenizer
 
 
 @torch.no_grad()
@@ -24,11 +24,10 @@ def class_embeddings(model: ChineseCLIP, tokenizer: ChineseTokenizer, class_name
     """[C, D]: each class's prompt embeddings (unit length) averaged over the templates and
     re-normalised, as Chinese-CLIP's zero-shot classifier. The prompts (1,000 ImageNet classes x 183
     templates) are encoded in batches, shared across ranks."""
-    prompts = [chinese_clip_text(t.replace("{}", name)) for name in class_names for t in templates]
+    prompts = [t.replace("{}", name) for name in class_names for t in templates]
 
     def encode(indices: Sequence[int]) -> torch.Tensor:
-        tokens = {k: v.to(device) for k, v in tokenizer([prompts[i] for i in indices]).items()}
-        return model.encode_text(tokens["input_ids"], tokens["attention_mask"])
+        return encode_texts(model, tokenizer, [prompts[i] for i in indices], device)
 
     features = encode_sharded(len(prompts), encode, batch_size, "class prompts").to(device)  # [C*T, D]
     mean = features.view(len(class_names), len(templates), -1).mean(dim=1)  # [C, D]
