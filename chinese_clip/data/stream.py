@@ -155,12 +155,15 @@ class ShardStream(IterableDataset):
         self.transform = build_transform(cfg, image_size)
         total = sum(s.weight for s in sources)
         self.cumulative = list(accumulate(s.weight / total for s in sources))[:-1]
-        self.datasets = [
-            split_dataset_by_node(
-                datasets.IterableDataset.from_generator(_shard_rows, gen_kwargs={"files": list(s.files)})
-                .shuffle(seed=seed, buffer_size=cfg.shuffle_buffer),
-                rank=rank, world_size=world_size)
-            for s in sources]
+        self.world_size, self.shuffle_buffer = world_size, cfg.shuffle_buffer
+
+    def _dataset(self, source: ShardSource) -> datasets.IterableDataset:
+        """This rank's rows of one source, shuffled. Built inside each dataloader worker: datasets keeps
+        an IterableDataset's epoch in shared memory, so workers iterating one object built before the
+        fork would change each other's epoch (and so their shuffles) as each crossed into the next."""
+        rows = datasets.IterableDataset.from_generator(_shard_rows, gen_kwargs={"files": list(source.files)})
+        return split_dataset_by_node(rows.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer),
+                                     rank=self.rank, world_size=self.world_size)
 
     def __iter__(self) -> Iterator[tuple[dict | None, dict]]:
         info = get_worker_info()
@@ -170,7 +173,7 @@ class ShardStream(IterableDataset):
             "rng": np.random.default_rng([self.seed, self.rank, worker]).bit_generator.state}
         rng = np.random.default_rng()
         rng.bit_generator.state = state["rng"]
-        streams = [self._rows(i, state) for i in range(len(self.sources))]
+        streams = [self._rows(i, self._dataset(source), state) for i, source in enumerate(self.sources)]
         while True:
             samples, ids, skips = [], [], []
             while len(samples) < self.batch_size:
@@ -191,9 +194,8 @@ class ShardStream(IterableDataset):
             state["rng"] = rng.bit_generator.state
             yield self.collate(samples), {"worker": worker, "state": copy.deepcopy(state), "ids": ids, "skips": skips}
 
-    def _rows(self, source: int, state: dict) -> Iterator[tuple[int, dict]]:
+    def _rows(self, source: int, dataset: datasets.IterableDataset, state: dict) -> Iterator[tuple[int, dict]]:
         """This worker's rows of one source, epoch after epoch from the saved position, which it advances."""
-        dataset = self.datasets[source]
         epoch, offset = state["sources"][source]
         while True:
             dataset.set_epoch(epoch)
