@@ -4,9 +4,9 @@ fits a memory budget, for a ViT-heavy preset.
     python bench/flip_speed.py [--config recipes/configs/vit_b16_rbt3.yaml] [--batch 8]
                                [--ratios 0 0.5 0.75] [--budget-gib 6] [--out FILE.json]
 
-Every measurement runs in a fresh process, on the GPU when there is one (bf16 autocast) and
-otherwise on the CPU (fp32, all cores). A step is what training does: both towers forward with
-the stage's mask ratio, InfoNCE, backward, AdamW. The vision-tower step is the image tower alone
+Every measurement runs in a fresh process, on the GPU when there is one (bf16) and otherwise on
+the CPU (fp32, all cores). A step is the product's own (bench/trainer_step.py): both towers forward
+with the stage's mask ratio, InfoNCE, backward, AdamW. The vision-tower step is the image tower alone
 (forward with the mask + backward), the part masking speeds up. Times are medians over --repeat
 steps after a warm-up step. Peak memory is the whole process: weights, AdamW state, gradients
 and activations (CUDA: max_memory_allocated; CPU: peak RSS, glibc told to return freed blocks
@@ -22,15 +22,14 @@ import multiprocessing as mp
 import os
 import resource
 import statistics
+import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from trainer_step import first_stage_trainer, synthetic_batch
 
 from chinese_clip.config import load_config
-from chinese_clip.losses import clip_loss
-from chinese_clip.model import ChineseCLIP
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,34 +42,23 @@ def peak_bytes(device: torch.device) -> int:
 
 def measure(config: str, ratio: float, batch: int, repeat: int) -> dict:
     """In a fresh process: times of the vision-tower step and the full step, and the peak memory."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
-    cfg = load_config(config)
-    torch.manual_seed(0)
-    model = ChineseCLIP(cfg.model).to(device).train()
-    model.set_mask_ratio(ratio)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    size, length = cfg.model.vision.image_size, cfg.data.context_length
-    pixels = torch.randn(batch, 3, size, size, device=device)
-    input_ids = torch.randint(1000, 8000, (batch, length), device=device)
-    attention_mask = torch.ones_like(input_ids)
+    cfg = load_config(config, [f"model.vision.patch_drop_rate={ratio}"])  # the stage's mask ratio
+    trainer = first_stage_trainer(cfg, Path(tempfile.mkdtemp(prefix="flip_speed_")))
+    device, model = trainer.accelerator.device, trainer.engine.module
+    micro_batch = synthetic_batch(cfg, batch, device)
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
     def vision_step():
-        with autocast:
-            features = model.encode_image(pixels)
+        with trainer.accelerator.autocast():
+            features = model.encode_image(micro_batch["pixel_values"])
         features.float().pow(2).sum().backward()  # any scalar of the features: the tower's backward is the same
         model.zero_grad(set_to_none=True)
 
     def full_step():
-        with autocast:
-            image, text, scale, _ = model(pixels, input_ids, attention_mask)
-        clip_loss(image.float(), text.float(), scale.float()).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        trainer.train_step([micro_batch])
 
     def timed(step) -> float:
         seconds = []

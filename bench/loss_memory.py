@@ -16,13 +16,14 @@ import argparse
 import json
 import os
 import resource
+import socket
 import time
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from chinese_clip.distributed import run_on_cpu_ranks
 from chinese_clip.losses import clip_loss, siglip_loss
 
 LOSSES = {
@@ -75,6 +76,23 @@ def measure(loss: str, global_batch: int, dim: int, chunk: int) -> dict:
     return {"peak_mib": peak / 2**20, "seconds": seconds[-1]}
 
 
+def rank_main(rank: int, world_size: int, port: int, args: tuple, results) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    results.put((rank, measure(*args)))
+    dist.destroy_process_group()
+
+
+def on_fresh_ranks(world_size: int, *args) -> list[dict]:
+    """measure(*args) in `world_size` new processes joined by gloo: each measurement starts from an
+    empty heap. Every rank's figures, in no particular order."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(rank_main, args=(world_size, port, args, results), nprocs=world_size)
+    return [results.get()[1] for _ in range(world_size)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--world-size", type=int, default=2)
@@ -93,7 +111,7 @@ def main() -> None:
         for batch in args.batches:
             if estimated_gib(loss, batch, args.world_size, args.chunk) > args.max_gib:
                 continue
-            ranks = run_on_cpu_ranks(measure, loss, batch, args.dim, args.chunk, world_size=args.world_size)
+            ranks = on_fresh_ranks(args.world_size, loss, batch, args.dim, args.chunk)
             results[loss][batch] = {"peak_mib": max(r["peak_mib"] for r in ranks),
                                     "seconds": max(r["seconds"] for r in ranks)}
             print(f"{loss:<24} B={batch:<6} peak {results[loss][batch]['peak_mib']:9.1f} MiB per rank  "

@@ -2,9 +2,10 @@
 
     python bench/train_throughput.py --config recipes/configs/vit_b16_roberta_base.yaml --batch-size 8
 
-One process, synthetic tensors (no data loading): the model's forward, the InfoNCE loss, backward
-and an AdamW step. FLOPs are counted by torch's FlopCounterMode: each tower's forward alone, and one whole training
-step (forward + backward); MFU = the step's FLOPs per second / the device's dense bf16 peak.
+One process, synthetic tensors (no data loading), the product's own step (bench/trainer_step.py):
+the model's forward in the run's precision, the configured loss, backward and the AdamW step.
+FLOPs are counted by torch's FlopCounterMode: each tower's forward alone, and one whole training
+step; MFU = the step's FLOPs per second / the device's dense bf16 peak.
 """
 from __future__ import annotations
 
@@ -12,15 +13,16 @@ import argparse
 import json
 import platform
 import resource
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+from trainer_step import first_stage_trainer, synthetic_batch
 
 from chinese_clip.config import load_config
-from chinese_clip.losses import clip_loss
-from chinese_clip.model import ChineseCLIP
-from chinese_clip.optim import build_optimizer
+from chinese_clip.runtime import resolve_mixed_precision
 
 DENSE_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
 
@@ -44,23 +46,12 @@ def main() -> None:
 
     cfg = load_config(args.config, args.overrides)
     batch = args.batch_size or cfg.data.batch_size
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    torch.manual_seed(0)
-    model = ChineseCLIP(cfg.model).to(device).train()
-    model.logit_bias.requires_grad_(False)
-    optimizer = build_optimizer(model, cfg.optim)
-    size, length = cfg.model.vision.image_size, cfg.data.context_length
-    pixels = torch.randn(batch, 3, size, size, device=device)
-    ids = torch.randint(103, cfg.model.text.vocab_size, (batch, length), device=device)
-    mask = torch.ones_like(ids)
+    trainer = first_stage_trainer(cfg, Path(tempfile.mkdtemp(prefix="train_throughput_")))
+    device, model = trainer.accelerator.device, trainer.engine.module
+    micro_batch = synthetic_batch(cfg, batch, device)
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            image, text, scale, _ = model(pixels, ids, mask)
-        clip_loss(image.float(), text.float(), scale.float()).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        trainer.train_step([micro_batch])
 
     def count_flops(fn) -> int:
         counter = FlopCounterMode(display=False)
@@ -68,9 +59,10 @@ def main() -> None:
             fn()
         return counter.get_total_flops()
 
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        forward_flops = {"vision": count_flops(lambda: model.encode_image(pixels)),
-                         "text": count_flops(lambda: model.encode_text(ids, mask))}
+    with torch.no_grad(), trainer.accelerator.autocast():
+        forward_flops = {"vision": count_flops(lambda: model.encode_image(micro_batch["pixel_values"])),
+                         "text": count_flops(lambda: model.encode_text(micro_batch["input_ids"],
+                                                                       micro_batch["attention_mask"]))}
     train_flops = count_flops(step)  # forward + backward of both towers and the loss
     for _ in range(args.warmup):
         step()
@@ -84,10 +76,11 @@ def main() -> None:
         torch.cuda.synchronize()
     step_time = (time.perf_counter() - start) / args.steps
 
+    precision = resolve_mixed_precision(cfg.train.mixed_precision)
     result = {
         "config": args.config,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "precision": "bf16 autocast" if bf16 else "fp32",
+        "precision": "fp32" if precision == "no" else precision,
         "batch": batch,
         "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
         "step_time_s": round(step_time, 4),

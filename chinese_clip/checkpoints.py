@@ -1,6 +1,5 @@
 """Model weights in and out: this project's model directory, Chinese-CLIP `.pt` files, HF
-`ChineseCLIPModel` directories, and consolidated fp32 weights from a training checkpoint (ZeRO
-shards included).
+`ChineseCLIPModel` directories, and the towers' starting weights for pretraining.
 
 A model directory of ours holds `model.safetensors` (fp32), `config.yaml` (the run config; its
 `model` section is the architecture) and the tokenizer's `vocab.txt`. The key mappings between the
@@ -10,25 +9,38 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pickle
 import zipfile
 from pathlib import Path
 from typing import Callable
 
 import torch
-from accelerate.utils.constants import MODEL_NAME, SAFE_WEIGHTS_NAME
+from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import checkpoint_filter_fn
 
 from chinese_clip import convert
 from chinese_clip.config import CLIP_MEAN, CLIP_STD, Config, ConfigError, ModelConfig, load_config, save_config
 from chinese_clip.model import ChineseCLIP
-from chinese_clip.resume import STATE_FILE, read_trainer_state, read_weights, write_weights
 from chinese_clip.tokenizer import ChineseTokenizer, load_tokenizer
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
 HF_CONFIG_FILE = "config.json"
 HF_WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def write_weights(weights: dict[str, torch.Tensor], path: Path) -> None:
+    """Atomically: a reader sees the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(partial))
+    os.replace(partial, path)
+
+
+def read_weights(path: Path, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    weights = load_file(str(path))
+    return weights if names is None else {name: weights[name] for name in names}
 
 
 def save_pretrained(weights: dict[str, torch.Tensor], cfg: Config, out_dir: Path,
@@ -53,7 +65,7 @@ def load_pretrained(path: str | Path, model_name: str | None = None) -> ChineseC
         return _load_cn_clip(path, model_name)
     if (path / CONFIG_FILE).is_file():
         cfg = load_config(path / CONFIG_FILE).model
-        return _load_checked(cfg, read_weights(_require(path, WEIGHTS_FILE)), path / WEIGHTS_FILE)
+        return model_from_weights(cfg, read_weights(_require(path, WEIGHTS_FILE)), path / WEIGHTS_FILE)
     if (path / HF_CONFIG_FILE).is_file():
         return _load_hf(path)
     raise ValueError(f"{path}: no {CONFIG_FILE} (a model directory of ours) or {HF_CONFIG_FILE} (an HF ChineseCLIPModel); "
@@ -88,7 +100,7 @@ def _load_cn_clip(path: Path, model_name: str | None) -> ChineseCLIP:
     heads = (info["vision_width"] // info["vision_head_width"], info["text_num_attention_heads"]) if info else None
     cfg = convert.cn_clip_model_config(weights, convert.cn_clip_named_heads(model_name) if model_name else heads)
     model = ChineseCLIP(cfg)
-    return _load_checked(cfg, convert.from_cn_clip(weights, model.visual), path, model)
+    return model_from_weights(cfg, convert.from_cn_clip(weights, model.visual), path, model)
 
 
 def _load_hf(path: Path) -> ChineseCLIP:
@@ -102,11 +114,11 @@ def _load_hf(path: Path) -> ChineseCLIP:
     if not files:
         raise ValueError(f"{path}: no weights; expected {' or '.join(HF_WEIGHTS_FILES)} beside {HF_CONFIG_FILE}")
     weights = read_weights(files[0]) if files[0].suffix == ".safetensors" else _torch_load(files[0])
-    return _load_checked(convert.hf_model_config(config), convert.from_hf(weights), files[0])
+    return model_from_weights(convert.hf_model_config(config), convert.from_hf(weights), files[0])
 
 
-def _load_checked(cfg: ModelConfig, weights: dict[str, torch.Tensor], source: Path,
-                  model: ChineseCLIP | None = None) -> ChineseCLIP:
+def model_from_weights(cfg: ModelConfig, weights: dict[str, torch.Tensor], source: Path,
+                       model: ChineseCLIP | None = None) -> ChineseCLIP:
     """`weights` (our names) into a model of `cfg`, refusing any missing, unexpected or misshapen tensor."""
     model = model or ChineseCLIP(cfg)
     expected = model.state_dict()
@@ -123,44 +135,29 @@ def _load_checked(cfg: ModelConfig, weights: dict[str, torch.Tensor], source: Pa
     return model
 
 
-def consolidate(checkpoint: str | Path) -> dict[str, torch.Tensor]:
-    """Full fp32 weights of a training checkpoint `runs/<name>/checkpoints/step_N`: trained parameters
-    from the optimizer's fp32 copies (ZeRO shards are merged), frozen ones from the stage's weights file."""
-    checkpoint = Path(checkpoint)
-    state = read_trainer_state(checkpoint)
-    if (checkpoint / MODEL_NAME).is_dir():  # DeepSpeed: one shard per rank
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        weights = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=MODEL_NAME)
-    else:  # plain or DDP: Accelerate saved the whole (wrapped) model
-        weights = {name.removeprefix("module."): value for name, value in read_weights(checkpoint / SAFE_WEIGHTS_NAME).items()}
-    run_dir = checkpoint.parent.parent
-    weights.update(read_weights(run_dir / state["stage_weights"], state["frozen"]))
-    return {name: value.float() for name, value in weights.items()}
-
-
 EXPORT_FORMATS = ("ours", "hf", "cn_clip")
 
 
-def export(source: str | Path, out: str | Path, fmt: str = "ours", model_name: str | None = None) -> Path:
-    """A training checkpoint (ZeRO shards included) or anything `load_pretrained` reads, written as
-    `fmt`: a model directory of ours, an HF ChineseCLIPModel directory, or a Chinese-CLIP `.pt` file."""
-    source, out = Path(source), Path(out)
+def export(model: ChineseCLIP, cfg: Config, out: str | Path, fmt: str, tokenizer: ChineseTokenizer) -> Path:
+    """`model` written as `fmt`: a model directory of ours, an HF ChineseCLIPModel directory, or a
+    Chinese-CLIP `.pt` file. `cfg` is the run config it came with (its `model` section is the model's)."""
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {fmt!r}: expected one of {', '.join(EXPORT_FORMATS)}")
-    if (source / STATE_FILE).is_file():  # runs/<name>/checkpoints/step_N
-        cfg = load_config(source.parent.parent / CONFIG_FILE)
-        model = _load_checked(cfg.model, consolidate(source), source)
-    else:
-        model = load_pretrained(source, model_name)
-        cfg = load_config(source / CONFIG_FILE) if (source / CONFIG_FILE).is_file() else Config(model=model.cfg)
-    tokenizer = load_tokenizer(cfg.data.vocab or pretrained_vocab(source), cfg.data.context_length)
     if fmt == "hf":
         return export_hf(model, out, tokenizer, cfg.data.mean, cfg.data.std)
     if fmt == "cn_clip":
         return export_cn_clip(model, out)
-    save_pretrained(model.state_dict(), cfg, out, tokenizer)
-    return out
+    save_pretrained(model.state_dict(), cfg, Path(out), tokenizer)
+    return Path(out)
+
+
+def load_for_export(source: str | Path, model_name: str | None = None) -> tuple[ChineseCLIP, Config]:
+    """Anything `load_pretrained` reads, with the run config it came with (defaults around its
+    architecture when it has none)."""
+    source = Path(source)
+    model = load_pretrained(source, model_name)
+    cfg = load_config(source / CONFIG_FILE) if (source / CONFIG_FILE).is_file() else Config(model=model.cfg)
+    return model, cfg
 
 
 def pretrained_vocab(path: str | Path) -> Path | None:
@@ -284,10 +281,12 @@ def pretrained_architecture(loaded: ModelConfig, configured: ModelConfig) -> Mod
         init_logit_scale=configured.init_logit_scale, init_logit_bias=configured.init_logit_bias)
 
 
-def prepare_init(cfg: Config, log: Callable[[str], None] = print) -> Callable[[ChineseCLIP], None] | None:
-    """`cfg.init` as a function that a fresh run applies to its newly built model (None: keep the
-    random init). With init.pretrained the file is read now: `cfg.model` becomes its architecture,
-    so that the model is built to fit it and the saved config says what ran."""
+def prepare_init(cfg: Config, log: Callable[[str], None] = print,
+                 main_process: bool = True) -> Callable[[ChineseCLIP], None] | None:
+    """`cfg.init` as a function that a fresh run applies to its newly built model on the main process
+    (None: keep the random init). With init.pretrained the file is read now, on every process:
+    `cfg.model` becomes its architecture, so that the model is built to fit it and the saved config
+    says what ran; only the main process keeps its weights."""
     init = cfg.init
     if init.pretrained:
         try:
@@ -295,7 +294,8 @@ def prepare_init(cfg: Config, log: Callable[[str], None] = print) -> Callable[[C
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"init.pretrained: {e}") from None
         cfg.model = pretrained_architecture(pretrained.cfg, cfg.model)
-        pending = [pretrained.state_dict()]  # handed over once, then dropped: no second copy for the whole run
+        # handed over once, then dropped: no second copy for the whole run, and none on other processes
+        pending = [pretrained.state_dict()] if main_process else []
 
         def load_whole(model: ChineseCLIP) -> None:
             weights = pending.pop()

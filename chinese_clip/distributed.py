@@ -7,13 +7,9 @@ so callers never branch on whether they are distributed.
 """
 from __future__ import annotations
 
-import os
-import socket
-import tempfile
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 
 def is_distributed() -> bool:
@@ -112,27 +108,3 @@ def sum_across_ranks(x: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
-
-
-# -- CPU process groups for tests and benchmarks ---------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank: int, world_size: int, port: int, fn, args, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        torch.save(fn(*args), os.path.join(out_dir, f"{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def run_on_cpu_ranks(fn, *args, world_size: int = 2) -> list:
-    """fn(*args) in `world_size` fresh processes joined by gloo (no launcher needed); returns each
-    rank's result in rank order. fn must be importable (defined at a module's top level)."""
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_rank_main, args=(world_size, free_port(), fn, args, out_dir), nprocs=world_size)
-        return [torch.load(os.path.join(out_dir, f"{r}.pt")) for r in range(world_size)]

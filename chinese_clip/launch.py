@@ -11,29 +11,37 @@ from chinese_clip.checkpoints import prepare_init, pretrained_vocab
 from chinese_clip.config import ConfigError, load_config
 from chinese_clip.data.loaders import build_collator, build_train_loader
 from chinese_clip.data.stream import DataError, open_sources
+from chinese_clip.engine import build_engine
 from chinese_clip.evaluation.synthetic import SYNTHETIC_SETS, synthetic_evaluator
 from chinese_clip.evaluation.tasks import check_sets, sets_evaluator
 from chinese_clip.model import ChineseCLIP
-from chinese_clip.runtime import build_accelerator, configure_deepspeed, run_dir_of
+from chinese_clip.run_dir import RunDir, RunDirError
+from chinese_clip.runtime import build_accelerator, exit_with_launcher, run_dir_of
 from chinese_clip.tokenizer import load_tokenizer
 from chinese_clip.trainer import Trainer
 
 
 def train(config: str, overrides: list[str]) -> dict:
+    # 0. A rank whose launcher dies goes with it, instead of training on as an orphan.
+    exit_with_launcher()
+
     # 1. Configuration and runtime: every user error surfaces here, before anything is built.
     try:
         cfg = load_config(config, overrides)
-        run_dir = run_dir_of(cfg.run)
-        accelerator = build_accelerator(cfg.train, run_dir)
-        configure_deepspeed(accelerator, cfg)
+        accelerator = build_accelerator(cfg.train, run_dir_of(cfg.run))
+        # DDP, DeepSpeed ZeRO or FSDP, as launched; its settings are checked against the config now.
+        engine = build_engine(accelerator, cfg)
         # A pretrained model's file is read here: its architecture becomes cfg.model.
-        init_weights = prepare_init(cfg, accelerator.print)
+        init_weights = prepare_init(cfg, accelerator.print, accelerator.is_main_process)
         # Every shard is looked at now: a missing one is an error before training, not hours in.
         sources = open_sources(cfg.data, accelerator.num_processes, accelerator.print) \
             if cfg.data.source == "shards" else None
         # So is every evaluation set, label list and template file.
         check_sets(cfg.eval.sets, cfg.eval.best_metric,
                    {name: "classification" for name in SYNTHETIC_SETS} if cfg.data.source == "synthetic" else {})
+        # One launch trains in a run directory at a time.
+        run_dir = RunDir(run_dir_of(cfg.run), accelerator)
+        run_dir.hold()
     except ConfigError as e:
         fail(e)
     # Each process draws its own dropout and FLIP masks (the initial weights are seeded apart, the
@@ -53,7 +61,7 @@ def train(config: str, overrides: list[str]) -> dict:
     def make_loader(batch_size: int, position: dict | None):
         return build_train_loader(cfg.data, tokenizer, image_size, rank=rank, world_size=accelerator.num_processes,
                                   seed=cfg.train.seed, batch_size=batch_size, position=position, sources=sources,
-                                  skip_log=run_dir / "skipped" / f"rank-{rank}.jsonl")
+                                  skip_log=run_dir.skipped_log(rank))
 
     configured = sets_evaluator(cfg.eval.sets, build_collator(cfg.data, tokenizer), accelerator.device,
                                 cfg.eval.batch_size)
@@ -65,9 +73,9 @@ def train(config: str, overrides: list[str]) -> dict:
 
     # 4. Train stage by stage (resuming from the newest checkpoint if there is one), evaluate as
     #    configured, save (the tokenizer beside the weights: model/ and best/ are self-contained).
-    accelerator.print(f"run directory: {run_dir}  processes: {accelerator.num_processes}")
+    accelerator.print(f"run directory: {run_dir.path}  processes: {accelerator.num_processes}  engine: {engine.name}")
     try:
-        trainer = Trainer(cfg, accelerator, lambda: ChineseCLIP(cfg.model), make_loader, evaluate, run_dir,
+        trainer = Trainer(cfg, accelerator, engine, run_dir, lambda: ChineseCLIP(cfg.model), make_loader, evaluate,
                           init_weights=init_weights, tokenizer=tokenizer)
         results = trainer.fit()
     except ConfigError as e:
@@ -75,6 +83,9 @@ def train(config: str, overrides: list[str]) -> dict:
     except DataError as e:  # one rank's data: say so from that rank; the launcher stops the others
         print(f"error on rank {rank}: {e}", file=sys.stderr)
         sys.exit(3)
+    except RunDirError as e:  # said by the rank whose write failed; the launcher stops the others
+        print(f"error on rank {rank}: {e}", file=sys.stderr)
+        sys.exit(4)
     return results
 
 

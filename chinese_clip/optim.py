@@ -3,31 +3,22 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Union
+from typing import Callable, Union
 
 import torch
-from torch import nn
 
 from chinese_clip.config import OptimConfig, StageConfig
+from chinese_clip.model import ChineseCLIP
 
 Schedule = Union[OptimConfig, StageConfig]  # anything with lr, warmup_steps, schedule, min_lr_ratio
+AdamW = Callable[..., torch.optim.Optimizer]  # (param groups, lr=, betas=, eps=) -> an AdamW
 
 
-def no_decay_names(model: nn.Module) -> set[str]:
-    """Norm weights, biases and scalar logit parameters (all < 2-D), plus what the vision tower
-    declares (timm: position embedding and class token) are not pulled towards zero."""
-    names = {n for n, p in model.named_parameters() if p.ndim < 2}
-    visual = getattr(model, "visual", None)
-    if visual is not None and hasattr(visual, "no_weight_decay"):
-        names |= {f"visual.{n}" for n in visual.no_weight_decay()}
-    return names
-
-
-def param_groups(model: nn.Module, weight_decay: float, lr_scales: dict[str, float] | None = None) -> list[dict]:
+def param_groups(model: ChineseCLIP, weight_decay: float, lr_scales: dict[str, float] | None = None) -> list[dict]:
     """Trainable parameters grouped by (decayed or not, lr multiplier). Each group carries `lr_scale`,
     which `set_lr` applies to the scheduled lr, and `decays`, which `set_weight_decay` reads.
     `lr_scales` (name -> multiplier) defaults to 1 for every trainable parameter."""
-    skip = no_decay_names(model)
+    skip = model.no_weight_decay()
     grouped = defaultdict(list)
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -37,19 +28,14 @@ def param_groups(model: nn.Module, weight_decay: float, lr_scales: dict[str, flo
             for (decays, scale), params in sorted(grouped.items(), key=lambda kv: (not kv[0][0], -kv[0][1]))]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, lr_scales: dict[str, float] | None = None, *,
-                    weight_decay: float | None = None, cpu_offload: bool = False) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; with ZeRO-Offload, DeepSpeed's CPU AdamW (the same update,
-    vectorised on the host), since DeepSpeed refuses to step a plain torch optimizer on offloaded states."""
+def build_optimizer(model: ChineseCLIP, cfg: OptimConfig, lr_scales: dict[str, float] | None = None, *,
+                    weight_decay: float | None = None, adamw: AdamW = torch.optim.AdamW) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters: torch's, or the engine's own (DeepSpeed's CPU AdamW for
+    ZeRO-Offload) built with the same arguments."""
     groups = param_groups(model, cfg.weight_decay if weight_decay is None else weight_decay, lr_scales)
     if not groups:
         raise ValueError("no parameter is trainable")
-    if cpu_offload:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        optimizer = DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, adamw_mode=True)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    optimizer = adamw(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     if cfg.decay_to_start:
         decay_towards_start(optimizer)
     return optimizer

@@ -1,12 +1,11 @@
-"""The distributed runtime: the Accelerator, its DeepSpeed config, and the run directory.
-
-Whatever the Python config owns (batch sizes, clipping, precision) is written into the DeepSpeed
-config here; a JSON value that contradicts it stops the run with one line instead of a DeepSpeed
-assertion after the model is built.
-"""
+"""The distributed runtime: what the launch asked for, the Accelerator, and the ranks' lifetime."""
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
-from chinese_clip.config import Config, ConfigError, RunConfig, TrainConfig
+from chinese_clip.config import RunConfig, TrainConfig
 
 # DeepSpeed still calls the torch.distributed collectives that torch 2.14 renamed; one warning
 # per call per step would bury the progress bar.
@@ -27,15 +26,24 @@ def resolve_mixed_precision(choice: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
+def launched_engine() -> str:
+    """What `accelerate launch` asked for: "deepspeed" (--use_deepspeed), "fsdp" (--use_fsdp), or
+    "ddp" (--multi_gpu, or one process)."""
+    for engine in ("deepspeed", "fsdp"):
+        if os.environ.get(f"ACCELERATE_USE_{engine.upper()}", "false").lower() == "true":
+            return engine
+    return "ddp"
+
+
 def build_accelerator(cfg: TrainConfig, run_dir: Path) -> Accelerator:
     # Without CUDA, Accelerate forms no process group for a multi-process launch unless told how:
-    # a DeepSpeed launch needs the backend named, a plain one needs `cpu=True` (DDP over gloo).
-    # Otherwise every process silently trains alone. A single process must do neither.
+    # a DeepSpeed launch needs the backend named, any other needs `cpu=True` (gloo; an FSDP launch
+    # then shards over it as it would over NCCL). Otherwise every process silently trains alone.
+    # A single process must do neither.
     multi_process_cpu = not torch.cuda.is_available() and launched_processes() > 1
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     accelerator = Accelerator(
         mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
-        cpu=multi_process_cpu and not deepspeed,
+        cpu=multi_process_cpu and launched_engine() != "deepspeed",
         log_with="tensorboard",
         project_dir=str(run_dir),
         kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if multi_process_cpu else [],
@@ -59,67 +67,26 @@ def check_world_size(accelerator: Accelerator) -> None:
         )
 
 
-def configure_deepspeed(accelerator: Accelerator, cfg: Config) -> None:
-    """Fill the DeepSpeed config's "auto" values from the run config; refuse contradictions."""
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is None:
+def exit_with_launcher() -> None:
+    """A process started by a launcher ends within seconds of losing it. torchrun starts each rank in
+    a session of its own, so when the launcher is killed (an OOM killer, a dropped login) its ranks
+    would otherwise live on as orphans, training and checkpointing beside any relaunch."""
+    # torchrun (and so every multi-process `accelerate launch`) marks its ranks with TORCHELASTIC_RUN_ID;
+    # `accelerate launch` of one process marks it with ACCELERATE_USE_CPU. A process started by hand
+    # (`nohup python recipes/pretrain.py &`) is left alone when its shell goes.
+    if "TORCHELASTIC_RUN_ID" not in os.environ and "ACCELERATE_USE_CPU" not in os.environ:
         return
-    ds = plugin.deepspeed_config
-    source = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "the DeepSpeed config")
-    micro_batches = sorted({stage.batch_size for stage in cfg.stages})
-    micro = micro_batches[0]
-    origin = "data.batch_size" if micro_batches == [cfg.data.batch_size] else f"the stages' batch sizes {micro_batches}"
-    owned = {
-        # Every engine is built for its stage's batch (set_deepspeed_batch); one fixed value cannot serve them all.
-        "train_micro_batch_size_per_gpu": (micro, origin),
-        # One engine step per optimizer step: train.accum_freq micro-batches go through the gradient
-        # cache, which backpropagates each micro-batch itself and steps the engine once.
-        "gradient_accumulation_steps": (1, "the gradient cache (train.accum_freq is not DeepSpeed accumulation)"),
-        "train_batch_size": (micro * accelerator.num_processes, f"{origin} x {accelerator.num_processes} processes"),
-        "gradient_clipping": (cfg.optim.grad_clip, "optim.grad_clip"),
-    }
-    for key, (value, why) in owned.items():
-        current = ds.get(key, "auto")
-        if current != "auto" and key.startswith("train_") and len(micro_batches) > 1:
-            raise ConfigError(f"{source}: {key} is {current} but {why} need one value per stage; set it to \"auto\"")
-        if current != "auto" and current != value:
-            raise ConfigError(f"{source}: {key} is {current} but {why} gives {value}; set it to \"auto\"")
-        ds[key] = value
-    zero = ds.get("zero_optimization", {})
-    if cfg.train.accum_freq > 1 and zero.get("stage", 0) not in (1, 2, 3):
-        raise ConfigError(f"{source}: train.accum_freq > 1 under DeepSpeed needs ZeRO stage 1, 2 or 3, which can "
-                          "hold the micro-batches' gradients and reduce them once per step")
-    if zero.get("stage") == 3:
-        # The final consolidated weights are gathered from the shards; without this they cannot be.
-        if zero.get("stage3_gather_16bit_weights_on_model_save") is False:
-            raise ConfigError(f"{source}: stage3_gather_16bit_weights_on_model_save is false, so the final weights "
-                              "could not be saved; set it to true")
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
-    if offload_device(ds) != "none" and not torch.cuda.is_available():
-        # Checked on DeepSpeed 0.19.8's CPU accelerator: the offloaded optimizer's first update agreed
-        # in sign with the non-offloaded one for only ~53% of weights. Refuse rather than train wrong.
-        raise ConfigError(f"{source}: ZeRO-Offload needs a GPU; on CPU use zero2.json or zero3.json")
-    for section in ("optimizer", "scheduler"):
-        if section in ds:
-            raise ConfigError(f"{source}: remove the \"{section}\" section; the optimizer and lr schedule are set by optim.*")
+    launcher = os.getppid()
 
+    def watch() -> None:
+        while os.getppid() == launcher:  # an orphan is adopted by another process
+            time.sleep(1)
+        with contextlib.suppress(OSError):  # its terminal or log pipe may have gone with it
+            print(f"error: the launcher (pid {launcher}) is gone; rank {os.environ.get('RANK', '0')} stops",
+                  file=sys.stderr, flush=True)
+        os._exit(1)  # at once, even while the main thread waits in a collective that will never finish
 
-def set_deepspeed_batch(accelerator: Accelerator, micro_batch: int) -> None:
-    """The batch the next DeepSpeed engine is built for (a stage's per-process batch)."""
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is not None:
-        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro_batch
-        plugin.deepspeed_config["train_batch_size"] = micro_batch * accelerator.num_processes
-
-
-def offload_device(ds_config: dict) -> str:
-    """Where ZeRO-Offload keeps optimizer states: "none", "cpu" or "nvme"."""
-    return ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
-
-
-def offloads_optimizer(accelerator: Accelerator) -> bool:
-    plugin = accelerator.state.deepspeed_plugin
-    return plugin is not None and offload_device(plugin.deepspeed_config) != "none"
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
 
 
 def run_dir_of(cfg: RunConfig) -> Path:

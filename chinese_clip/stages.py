@@ -13,9 +13,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from chinese_clip.config import ConfigError, ParamRule, StageConfig
-
-TOWERS = {"visual": "vision", "visual_projection": "vision", "text": "text", "text_projection": "text"}
-
+from chinese_clip.model import ParamPlace
 
 @dataclass(frozen=True)
 class Stage:
@@ -85,33 +83,25 @@ def resolve_lr_scales(names: list[str], rules: list[ParamRule], stage_name: str)
     return scales
 
 
-# Per tower: a block's index in its name, and the names of what comes before the first block.
-_TOWER_LAYERS = [(re.compile(r"visual\.blocks\.(\d+)\."), ("visual.cls_token", "visual.pos_embed", "visual.patch_embed.",
-                                                           "visual.norm_pre.")),
-                 (re.compile(r"text\.encoder\.layer\.(\d+)\."), ("text.embeddings.",))]
-
-
-def layer_decay_factors(names: list[str], decay: float) -> dict[str, float]:
+def layer_decay_factors(layout: dict[str, ParamPlace], decay: float, stage_name: str) -> dict[str, float]:
     """Layer-wise lr decay (as BEiT fine-tunes ViTs): in a tower of L blocks, block i trains at
     lr x decay^(L - i) and the embeddings at decay^(L + 1), so the layers nearest the input, which
     hold the most general features, move least. The final norms, projections and logit scale keep x 1."""
-    factors = dict.fromkeys(names, 1.0)
-    for block, embeddings in _TOWER_LAYERS:
-        depth = 1 + max((int(m.group(1)) for name in names if (m := block.match(name))), default=-1)
-        for name in names:
-            if m := block.match(name):
-                factors[name] = decay ** (depth - int(m.group(1)))
-            elif name.startswith(embeddings):
-                factors[name] = decay ** (depth + 1)
-    return factors
+    for tower in ("vision", "text"):
+        if not any(place.tower == tower and place.depth > 0 for place in layout.values()):
+            raise ConfigError(f"stage {stage_name!r}: layer_decay needs the blocks of both towers, and the {tower} "
+                              "tower has none")
+    return {name: 1.0 if place.tower == "logit" else decay ** (place.depth + 1 - place.layer)
+            for name, place in layout.items()}
 
 
-def stage_lr_scales(names: list[str], stage: StageConfig, loss_name: str, stage_name: str) -> dict[str, float]:
+def stage_lr_scales(layout: dict[str, ParamPlace], stage: StageConfig, loss_name: str,
+                    stage_name: str) -> dict[str, float]:
     """name -> lr multiplier in a stage: its rules (0 freezes), times its layer-wise decay if it has one."""
-    scales = resolve_lr_scales(names, stage_rules(stage, loss_name), stage_name)
+    scales = resolve_lr_scales(list(layout), stage_rules(stage, loss_name), stage_name)
     if stage.layer_decay is None:
         return scales
-    factors = layer_decay_factors(names, stage.layer_decay)
+    factors = layer_decay_factors(layout, stage.layer_decay, stage_name)
     return {name: scale * factors[name] for name, scale in scales.items()}
 
 
@@ -122,21 +112,18 @@ def freeze(model: nn.Module, scales: dict[str, float]) -> dict[str, float]:
     return {name: scale for name, scale in scales.items() if scale > 0}
 
 
-def tower_of(name: str) -> str:
-    return TOWERS.get(name.split(".")[0], "logit")
-
-
-def tower_counts(sizes: dict[str, int], scales: dict[str, float]) -> dict[str, dict[float, int]]:
+def tower_counts(layout: dict[str, ParamPlace], sizes: dict[str, int],
+                 scales: dict[str, float]) -> dict[str, dict[float, int]]:
     """tower -> {lr multiplier: parameter count}, multiplier 0 being the frozen ones."""
     counts: dict[str, dict[float, int]] = {"vision": {}, "text": {}, "logit": {}}
     for name, size in sizes.items():
-        by_scale = counts[tower_of(name)]
+        by_scale = counts[layout[name].tower]
         by_scale[scales[name]] = by_scale.get(scales[name], 0) + size
     return counts
 
 
-def summary(stage: Stage, total_stages: int, sizes: dict[str, int], scales: dict[str, float],
-            processes: int, accum_freq: int) -> str:
+def summary(stage: Stage, total_stages: int, layout: dict[str, ParamPlace], sizes: dict[str, int],
+            scales: dict[str, float], processes: int, accum_freq: int) -> str:
     """Printed at a stage's start: its span, batch, mask ratio, lr, and what trains in each tower."""
     c = stage.cfg
     length = f"steps {stage.start_step}-{stage.end_step - 1} ({stage.steps} steps, {stage.steps * stage.global_batch:,} samples)"
@@ -147,7 +134,7 @@ def summary(stage: Stage, total_stages: int, sizes: dict[str, int], scales: dict
         f"mask ratio {c.mask_ratio:.2f}",
         f"  lr {c.lr:.2e} (warmup {c.warmup_steps}, {c.schedule}, floor x {c.min_lr_ratio}), weight decay {c.weight_decay}",
     ]
-    for tower, by_scale in tower_counts(sizes, scales).items():
+    for tower, by_scale in tower_counts(layout, sizes, scales).items():
         trained = {scale: count for scale, count in by_scale.items() if scale > 0}
         detail = ", ".join(f"lr x {s:g}: {count:,}" for s, count in sorted(trained.items(), reverse=True))
         lines.append(f"  {tower:<7} {sum(trained.values()):>13,} of {sum(by_scale.values()):>13,} parameters train "

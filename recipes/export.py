@@ -1,4 +1,4 @@
-"""Export a trained model (a run, one of its checkpoints with ZeRO shards, or any model `load_pretrained`
+"""Export a trained model (a run, one of its checkpoints with any engine's shards, or any model `load_pretrained`
 reads) as a model directory of ours, an HF ChineseCLIPModel directory, or a Chinese-CLIP `.pt`.
 
     python recipes/export.py runs/<name> --out <dir>                         # newest complete checkpoint, ours
@@ -17,9 +17,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from chinese_clip.checkpoints import EXPORT_FORMATS, export
+from chinese_clip.checkpoints import EXPORT_FORMATS, export, load_for_export, pretrained_vocab
 from chinese_clip.config import ConfigError
-from chinese_clip.resume import STATE_FILE, complete_checkpoints
+from chinese_clip.run_dir import STATE_FILE, checkpoint_model, complete_checkpoints
+from chinese_clip.tokenizer import load_tokenizer
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -37,7 +38,10 @@ def main(argv: list[str] | None = None) -> Path:
             sys.exit(f"error: {source} is a run directory without a complete checkpoint")
         source = found[-1]
     try:
-        out = export(source, args.out, args.format, args.model_name)
+        # a training checkpoint (any engine's shards) or a model file / directory
+        model, cfg = checkpoint_model(source) if (source / STATE_FILE).is_file() else load_for_export(source, args.model_name)
+        tokenizer = load_tokenizer(cfg.data.vocab or pretrained_vocab(source), cfg.data.context_length)
+        out = export(model, cfg, args.out, args.format, tokenizer)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     print(f"exported {source} to {out} ({args.format})")

@@ -1,6 +1,48 @@
+"""What the tests share: paths, the commands that launch the recipes (one process, or two CPU ranks
+under each engine), helpers that run, kill and read runs, tiny models, and the datasets tests write."""
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
 
 from chinese_clip.config import ModelConfig, TextConfig, VisionConfig
+from chinese_clip.data.images import encode_jpeg
+from chinese_clip.data.readers import RawPair
+from chinese_clip.data.shards import build_shards
+from chinese_clip.data.synthetic import SyntheticShapes, class_name
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "recipes" / "configs"
+PRETRAIN, FINETUNE, EVALUATE, EXPORT = (str(ROOT / "recipes" / f"{name}.py")
+                                        for name in ("pretrain", "finetune", "evaluate", "export"))
+ENGINES = {  # `accelerate launch` flags for two CPU ranks under each engine
+    "ddp": ["--multi_gpu"],
+    "zero2": ["--config_file", str(ROOT / "ds_configs" / "accelerate" / "cpu_2proc_zero2.yaml")],
+    "zero3": ["--use_deepspeed", "--deepspeed_config_file", str(ROOT / "ds_configs" / "zero3.json")],
+    "fsdp": ["--config_file", str(ROOT / "ds_configs" / "accelerate" / "cpu_2proc_fsdp.yaml")],
+}
+TINY = ModelConfig(embed_dim=16, vision=VisionConfig(image_size=32, patch_size=8, width=32, layers=2, heads=2),
+                   text=TextConfig(hidden_size=32, layers=2, heads=2, intermediate_size=64, max_position_embeddings=64,
+                                   dropout=0.0))
 
 
 @pytest.fixture
@@ -12,3 +54,271 @@ def tiny_model_cfg() -> ModelConfig:
         text=TextConfig(vocab_size=21128, hidden_size=32, layers=2, heads=2, intermediate_size=64,
                         max_position_embeddings=64, dropout=0.0),
     )
+
+
+# -- launching the recipes ----------------------------------------------------------------------------
+def command(script: str, *args: str, engine: str | list[str] | None = None) -> list[str]:
+    """`python script args` in one process, or `accelerate launch` of two CPU ranks under `engine`
+    (a name in ENGINES, or the launch flags themselves)."""
+    if engine is None:
+        return [sys.executable, script, *args]
+    flags = ENGINES[engine] if isinstance(engine, str) else engine
+    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
+            "--main_process_port", str(free_port()), *flags, script, *args]
+
+
+def run(cmd: list[str], timeout: int = 900, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout, **kwargs)
+
+
+def run_ok(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    result = run(cmd, **kwargs)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("error")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- reading runs ---------------------------------------------------------------------------------
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [line["train/loss"] for line in metrics(run_dir) if "train/loss" in line]
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "model" / "model.safetensors")
+
+
+def assert_same_weights(ours: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], atol: float) -> None:
+    assert ours.keys() == reference.keys()
+    for name, value in reference.items():
+        assert (ours[name] - value).abs().max() <= atol, name
+
+
+def assert_same_results(ours, reference, where: str = "results") -> None:
+    """Evaluation results (nested dicts and lists) alike: numbers to 1e-6, everything else exactly."""
+    if isinstance(reference, dict):
+        assert isinstance(ours, dict) and ours.keys() == reference.keys(), where
+        for key in reference:
+            assert_same_results(ours[key], reference[key], f"{where}/{key}")
+    elif isinstance(reference, list):
+        assert isinstance(ours, list) and len(ours) == len(reference), where
+        for index, (a, b) in enumerate(zip(ours, reference)):
+            assert_same_results(a, b, f"{where}[{index}]")
+    elif isinstance(reference, float):
+        assert ours == pytest.approx(reference, abs=1e-6), where
+    else:
+        assert ours == reference, where
+
+
+# -- killing runs -----------------------------------------------------------------------------------
+def log_of(run_dir: Path) -> Path:
+    return run_dir.parent / f"{run_dir.name}.log"
+
+
+def start_until_checkpoint(cmd: list[str], run_dir: Path, step: int) -> subprocess.Popen:
+    """Start the run, its output appended to log_of(run_dir), and return once checkpoint `step` is complete."""
+    done = run_dir / "checkpoints" / f"step_{step}" / "trainer_state.json"
+    with open(log_of(run_dir), "a") as log:
+        process = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 600
+    while not done.exists():
+        assert process.poll() is None, f"the run ended before checkpoint {step}:\n{log_of(run_dir).read_text()[-3000:]}"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    return process
+
+
+def ranks_of(launcher: subprocess.Popen) -> list[psutil.Process]:
+    """The training processes a launch started (itself, when it is one process), by rank."""
+    children = [p for p in psutil.Process(launcher.pid).children()  # not their dataloader workers
+                if any(arg.endswith((PRETRAIN, FINETUNE)) for arg in p.cmdline())]
+    if not children:
+        return [psutil.Process(launcher.pid)]
+    return sorted(children, key=lambda p: int(p.environ()["RANK"]))
+
+
+def kill_one_rank(launcher: subprocess.Popen, run_dir: Path) -> None:
+    """SIGKILL the last rank alone, in the middle of a step, as a node or an OOM killer would: the
+    launch must end, non-zero, within 60 s."""
+    ranks = ranks_of(launcher)
+    ranks[-1].send_signal(signal.SIGKILL)
+    try:
+        code = launcher.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        kill_tree(launcher)
+        raise AssertionError(f"the launch outlived its killed rank by 60 s:\n{log_of(run_dir).read_text()[-3000:]}")
+    assert code != 0 or len(ranks) == 1
+    _, alive = psutil.wait_procs(ranks, timeout=30)
+    assert not alive, f"ranks {alive} outlived the launch"
+
+
+def kill_launcher(launcher: subprocess.Popen, run_dir: Path) -> None:
+    """SIGKILL the launcher alone, as a dropped login or an OOM killer would: its ranks, in sessions of
+    their own, must follow within 30 s rather than train on as orphans."""
+    ranks = ranks_of(launcher)
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    _, alive = psutil.wait_procs(ranks, timeout=30)
+    for rank in alive:
+        rank.kill()
+    assert not alive, f"ranks outlived their launcher by 30 s:\n{log_of(run_dir).read_text()[-3000:]}"
+
+
+def kill_tree(process: subprocess.Popen) -> None:
+    parent = psutil.Process(process.pid)
+    tree = [parent, *parent.children(recursive=True)]
+    for p in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(tree, timeout=60)
+
+
+def run_to_end(cmd: list[str], run_dir: Path) -> str:
+    """Run (again) to the end; returns what it printed, which is appended to log_of(run_dir) too."""
+    result = run(cmd)
+    with open(log_of(run_dir), "a") as log:
+        log.write(result.stdout + result.stderr)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
+
+
+def resumed_from(run_dir: Path) -> list[int]:
+    """The step of every resume so far, in order."""
+    return [int(n) for n in re.findall(r"resumed from \S+step_(\d+) ", log_of(run_dir).read_text())]
+
+
+# -- the staged run the resume tests kill ------------------------------------------------------------
+# The tiny staged preset, shortened: lit (vision frozen) steps 0-5, flip (everything, mask 0.5, double
+# batch) 6-11, unmasked 12-15; a checkpoint every 2 steps, an evaluation at every stage end.
+STAGED = ["--config", str(CONFIGS / "tiny_staged.yaml"),
+          "stages.0.steps=6", "stages.1.steps=6", "stages.2.steps=4", "checkpoint.every_steps=2",
+          "checkpoint.keep_last=100", "train.log_every=1", "data.num_workers=0", "data.synthetic.val_size=32",
+          "eval.batch_size=16", "eval.at_start=false", "eval.at_stage_end=true"]
+
+
+def staged(run_dir, batch, engine=None, *overrides):
+    """Per-process batches: `batch` in lit and unmasked, twice that in flip; the same global batches
+    for 1 process x 2b and 2 processes x b."""
+    return command(PRETRAIN, *STAGED, f"data.batch_size={batch}", f"stages.1.batch_size={2 * batch}",
+                   f"run.output_dir={run_dir}", *overrides, engine=engine)
+
+
+def check_resumed_run_matches(resumed: Path, reference: Path, atol: float = 1e-5) -> None:
+    """The same weights and the same loss at every step as `reference`, a run never interrupted. When
+    that ran on the same ranks, also the same evaluations (those made before a kill travel in the
+    checkpoints); on other ranks, each rank draws its own masks and dropout: 1e-4 is the match there."""
+    assert_same_weights(final_weights(resumed), final_weights(reference), atol=atol)
+    last = lambda run: max(m["step"] for m in metrics(run))  # noqa: E731
+    assert last(resumed) == last(reference) == 16
+    by_step = lambda run: {m["step"]: m["train/loss"] for m in metrics(run) if "train/loss" in m}  # noqa: E731
+    assert by_step(resumed).keys() == by_step(reference).keys() == set(range(1, 17))
+    for step, loss in by_step(reference).items():
+        assert abs(by_step(resumed)[step] - loss) <= atol, step
+    resumed_results, results = (json.loads((run / "eval.json").read_text()) for run in (resumed, reference))
+    assert list(resumed_results["during"]) == list(results["during"]) == ["6", "12"]
+    if atol <= 1e-5:
+        assert_same_results(resumed_results, results)
+
+
+# -- processes joined by gloo, without a launcher --------------------------------------------------
+def _rank_main(rank: int, world_size: int, port: int, fn, args, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        torch.save(fn(*args), os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_cpu_ranks(fn, *args, world_size: int = 2) -> list:
+    """fn(*args) in `world_size` fresh processes joined by gloo; returns each rank's result in rank
+    order. fn must be importable (defined at a module's top level)."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_rank_main, args=(world_size, free_port(), fn, args, out_dir), nprocs=world_size)
+        return [torch.load(os.path.join(out_dir, f"{r}.pt")) for r in range(world_size)]
+
+
+# -- models and datasets ---------------------------------------------------------------------------------------
+TINY_CN_CLIP = dict(  # the tiny preset's shape, with the 64-wide heads cn_clip assumes
+    embed_dim=128, image_resolution=64, vision_layers=4, vision_width=128, vision_patch_size=16, vocab_size=21128,
+    text_attention_probs_dropout_prob=0.0, text_hidden_act="gelu", text_hidden_dropout_prob=0.0, text_hidden_size=128,
+    text_initializer_range=0.02, text_intermediate_size=512, text_max_position_embeddings=64,
+    text_num_attention_heads=2, text_num_hidden_layers=2, text_type_vocab_size=2)
+
+
+def cn_clip_checkpoint(path: Path) -> Path:
+    """A tiny model in Chinese-CLIP's own .pt format, written by cn_clip's `CLIP` (random weights)."""
+    from cn_clip.clip.model import CLIP
+
+    torch.manual_seed(0)
+    model = CLIP(**TINY_CN_CLIP).float()
+    state = {f"module.{name}": value for name, value in model.state_dict().items()}
+    torch.save({"epoch": 1, "step": 100, "name": "tiny", "state_dict": state}, path)
+    return path
+
+
+def synthetic_pairs(size: int, image_size: int, seed: int = 0):
+    """The synthetic training split as raw JPEG pairs, keyed "synthetic:<index>": input for build_shards."""
+    dataset = SyntheticShapes("train", size, image_size, seed=seed)
+    for index in range(size):
+        sample = dataset[index]
+        yield RawPair(f"synthetic:{index}", sample["text"], encode_jpeg(sample["image"]))
+
+
+def write_shards(path: Path, pairs: int, rows_per_shard: int, image_size: int = 64, seed: int = 0) -> Path:
+    build_shards(synthetic_pairs(pairs, image_size, seed=seed), path, rows_per_shard=rows_per_shard)
+    return path
+
+
+def on_shards(path: Path, workers: int) -> list[str]:
+    """The overrides that train on the shards at `path`, read by `workers` dataloader workers per rank."""
+    return ["data.source=shards", f"data.shards=[{{path: {path}}}]", f"data.num_workers={workers}",
+            "data.shuffle_buffer=32"]
+
+
+def break_rows(shard: Path, rows: dict[int, bytes]) -> None:
+    """Replace the image bytes of some rows of a shard, as a disk fault would after the build."""
+    table = pq.read_table(shard).to_pylist()
+    for index, data in rows.items():
+        table[index]["image"] = data
+    pq.write_table(pa.Table.from_pylist(table, schema=pq.read_schema(shard)), shard)
+
+
+def write_retrieval_set(root: Path, images: int = 5, texts: int = 7) -> Path:
+    """A retrieval set in Chinese-CLIP's layout (valid_imgs.tsv + valid_texts.jsonl): image ids 100...,
+    text t matching images t and t + 1 (modulo the image count)."""
+    root.mkdir(parents=True, exist_ok=True)
+    shapes = SyntheticShapes("train", max(images, texts), 32)
+    (root / "valid_imgs.tsv").write_text("".join(
+        f"{100 + i}\t{base64.urlsafe_b64encode(encode_jpeg(shapes[i]['image'])).decode()}\n" for i in range(images)))
+    (root / "valid_texts.jsonl").write_text("".join(
+        json.dumps({"text_id": t, "text": shapes[t]["text"], "image_ids": [100 + t % images, 100 + (t + 1) % images]},
+                   ensure_ascii=False) + "\n" for t in range(texts)), encoding="utf-8")
+    return root
+
+
+def write_class_folder(root: Path, per_class=(3, 2, 0)) -> Path:
+    """Class folders 000, 001, ... of synthetic shapes, label_cn.txt beside them (Chinese-CLIP's layout)."""
+    shapes = SyntheticShapes("train", 200, 32)
+    (root / "test").mkdir(parents=True)
+    names = []
+    for label, count in enumerate(per_class):
+        folder = root / "test" / f"{label:03d}"
+        folder.mkdir()
+        for i in [i for i in range(200) if shapes[i]["label"] == label][:count]:
+            shapes[i]["image"].save(folder / f"{i}.png")
+        names.append(class_name(label))
+    (root / "label_cn.txt").write_text("\n".join(names) + "\n", encoding="utf-8")
+    return root / "test"

@@ -2,8 +2,6 @@
 and near duplicates go, different captions stay; the output is training input."""
 import io
 import json
-import subprocess
-import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -14,8 +12,8 @@ from chinese_clip.data.captions import caption_problem, normalise_caption
 from chinese_clip.data.clean import CleanRules, Deduplicator, clean_shards, shingles
 from chinese_clip.data.shards import SCHEMA
 from chinese_clip.data.stream import open_sources
+from tests.conftest import ROOT, command, run, run_ok
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
 def jpeg(colour) -> bytes:
@@ -102,11 +100,8 @@ def test_traditional_captions_become_simplified_on_request(tmp_path):
 
 def test_the_command_prints_the_summary_and_refuses_a_directory_without_shards(tmp_path):
     source = write_shards(tmp_path / "in")
-    tool = [sys.executable, str(ROOT / "data_tools" / "clean_captions.py")]
-    result = subprocess.run(tool + [str(source), "--out", str(tmp_path / "out"), "--exact-only"],
-                            capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert result.returncode == 0, result.stderr
+    tool = str(ROOT / "data_tools" / "clean_captions.py")
+    result = run_ok(command(tool, str(source), "--out", str(tmp_path / "out"), "--exact-only"))
     assert "exact duplicate" in result.stdout and "near duplicate" not in result.stdout
-    result = subprocess.run(tool + [str(tmp_path), "--out", str(tmp_path / "x")], capture_output=True, text=True,
-                            cwd=ROOT, timeout=120)
+    result = run(command(tool, str(tmp_path), "--out", str(tmp_path / "x")))
     assert result.returncode == 1 and "no shard-*.parquet files" in result.stderr

@@ -10,17 +10,17 @@ import torch
 
 from chinese_clip.config import Config, ConfigError, load_config, save_config
 from chinese_clip.model import ChineseCLIP
+from tests.conftest import CONFIGS, PRETRAIN
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
+RECIPE_CONFIGS = sorted(CONFIGS.glob("*.yaml"))
 CN_CLIP_CONFIGS = Path(__import__("cn_clip.clip", fromlist=["x"]).__file__).parent / "model_configs"
 
 
 def test_there_are_configs():
-    assert any(p.stem == "tiny_synthetic" for p in CONFIGS)
+    assert any(p.stem == "tiny_synthetic" for p in RECIPE_CONFIGS)
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", RECIPE_CONFIGS, ids=lambda p: p.stem)
 def test_every_config_loads_and_builds_its_model(path):
     assert path.read_text(encoding="utf-8").startswith("# accelerate launch"), "a config starts with its launch command"
     cfg = load_config(path)
@@ -47,7 +47,7 @@ def test_presets_have_chinese_clip_architectures(preset):
     vision_name, text_name = PRESETS[preset]
     vision = json.loads((CN_CLIP_CONFIGS / f"{vision_name}.json").read_text())
     text = json.loads((CN_CLIP_CONFIGS / f"{text_name}.json").read_text())
-    cfg = load_config(ROOT / "recipes" / "configs" / f"{preset}.yaml")
+    cfg = load_config(CONFIGS / f"{preset}.yaml")
     v, t = cfg.model.vision, cfg.model.text
     assert cfg.model.embed_dim == vision["embed_dim"]
     assert (v.image_size, v.patch_size, v.width, v.layers) == (
@@ -86,7 +86,7 @@ def test_a_run_without_stages_is_one_stage_that_inherits_everything():
 
 
 def test_stages_inherit_what_they_do_not_set_and_take_list_overrides():
-    cfg = load_config(ROOT / "recipes" / "configs" / "tiny_staged.yaml", ["stages.1.lr=3e-4", "stages.2.steps=7"])
+    cfg = load_config(CONFIGS / "tiny_staged.yaml", ["stages.1.lr=3e-4", "stages.2.steps=7"])
     lit, flip, unmasked = cfg.stages
     assert (lit.lr, flip.lr, unmasked.lr) == (cfg.optim.lr, 3e-4, 2e-4)
     assert (lit.batch_size, flip.batch_size) == (cfg.data.batch_size, 128) and unmasked.steps == 7
@@ -148,8 +148,7 @@ def test_missing_and_broken_files(tmp_path):
     (["train.steps=many"], "error: train.steps: expected an integer, got 'many'"),
 ])
 def test_recipe_reports_config_errors_in_one_line(args, message, tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "recipes" / "pretrain.py"), *args],
-                            capture_output=True, text=True, cwd=tmp_path)
+    result = subprocess.run([sys.executable, PRETRAIN, *args], capture_output=True, text=True, cwd=tmp_path)  # relative paths
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr
     assert "Traceback" not in result.stderr

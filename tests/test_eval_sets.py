@@ -2,8 +2,6 @@
 errors at start-up for every bad set, the suite run into one table beside the published numbers."""
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -21,12 +19,10 @@ from chinese_clip.evaluation.classification import digest, read_labelled_folder
 from chinese_clip.evaluation.retrieval_set import read_shard_retrieval_set
 from chinese_clip.evaluation.tasks import check_sets, markdown_table
 from chinese_clip.model import ChineseCLIP
-from tests.test_evaluate import write_folder
-from tests.test_retrieval_set import TINY, write_set
+from tests.conftest import (CONFIGS, EVALUATE, PRETRAIN, TINY, TINY_CN_CLIP, cn_clip_checkpoint, command, run,
+                            run_ok, write_class_folder, write_retrieval_set)
 
-ROOT = Path(__file__).resolve().parents[1]
-EVALUATE = str(ROOT / "recipes" / "evaluate.py")
-SUITE = ROOT / "recipes" / "configs" / "eval_suite_zh.yaml"
+SUITE = CONFIGS / "eval_suite_zh.yaml"
 
 
 def test_shard_pairs_become_a_retrieval_set_of_distinct_images_and_captions(tmp_path):
@@ -57,7 +53,7 @@ def test_cn_clips_imagenet_names_label_a_thousand_class_folders(tmp_path):
 @pytest.fixture(scope="module")
 def sets(tmp_path_factory):
     root = tmp_path_factory.mktemp("sets")
-    return {"retrieval": write_set(root / "MUGE"), "classification": write_folder(root / "shapes")}
+    return {"retrieval": write_retrieval_set(root / "MUGE"), "classification": write_class_folder(root / "shapes")}
 
 
 @pytest.mark.parametrize("change, message", [
@@ -90,9 +86,9 @@ def test_best_metric_must_name_a_metric_of_an_evaluated_set(sets):
 
 
 def test_a_training_config_with_a_bad_set_stops_before_training(sets, tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "recipes" / "pretrain.py"), f"run.output_dir={tmp_path}",
-                             f"eval.sets=[{{name: shapes, task: classification, path: {sets['classification']}, "
-                             "labels: /none.txt}]"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    result = run(command(PRETRAIN, f"run.output_dir={tmp_path}",
+                         f"eval.sets=[{{name: shapes, task: classification, path: {sets['classification']}, "
+                         "labels: /none.txt}]"))
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == \
         "error: eval set shapes: /none.txt: no such label file"
     assert not (tmp_path / "metrics.jsonl").exists()
@@ -101,13 +97,12 @@ def test_a_training_config_with_a_bad_set_stops_before_training(sets, tmp_path):
 def test_an_image_that_does_not_decode_stops_training_at_the_evaluation_with_one_line(tmp_path):
     import base64
 
-    broken = write_set(tmp_path / "MUGE")
+    broken = write_retrieval_set(tmp_path / "MUGE")
     lines = (broken / "valid_imgs.tsv").read_text().splitlines()
     lines[2] = "102\t" + base64.b64encode(b"not an image at all").decode()
     (broken / "valid_imgs.tsv").write_text("\n".join(lines) + "\n")
-    result = subprocess.run([sys.executable, str(ROOT / "recipes" / "pretrain.py"), f"run.output_dir={tmp_path / 'run'}",
-                             "data.num_workers=0", "data.synthetic.val_size=16", f"eval.sets=[{{name: M, path: {broken}}}]"],
-                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    result = run(command(PRETRAIN, f"run.output_dir={tmp_path / 'run'}", "data.num_workers=0",
+                         "data.synthetic.val_size=16", f"eval.sets=[{{name: M, path: {broken}}}]"))
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith("error: eval set M: image 102: "), result.stderr[-2000:]
 
@@ -125,12 +120,12 @@ def test_the_table_puts_published_numbers_under_ours():
 def write_datapath(root: Path) -> Path:
     """${DATAPATH} as the suite expects it, with tiny sets (the suite's split names)."""
     datasets = root / "datasets"
-    write_set(datasets / "MUGE")
+    write_retrieval_set(datasets / "MUGE")
     for name in ("Flickr30k-CN", "COCO-CN"):
-        write_set(datasets / name, images=4, texts=6)
+        write_retrieval_set(datasets / name, images=4, texts=6)
         for kind in ("imgs.tsv", "texts.jsonl"):
             (datasets / name / f"valid_{kind}").rename(datasets / name / f"test_{kind}")
-    write_folder(datasets / "ImageNet-1K", per_class=(2, 1, 1))
+    write_class_folder(datasets / "ImageNet-1K", per_class=(2, 1, 1))
     return root
 
 
@@ -140,11 +135,9 @@ def test_the_suite_runs_every_set_into_one_table_beside_chinese_clips_numbers(tm
     build_shards(read_cn_clip_tsv(datapath / "datasets" / "MUGE", "valid"), shards, rows_per_shard=4)
     torch.manual_seed(0)
     save_pretrained(ChineseCLIP(TINY).state_dict(), Config(model=TINY), tmp_path / "model")
-    command = [sys.executable, EVALUATE, "--model", str(tmp_path / "model"), "--config", str(SUITE),
-               "--retrieval", str(shards), "--out", str(tmp_path / "out"), "--batch-size", "4"]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600,
-                            env={**os.environ, "DATAPATH": str(datapath)})
-    assert result.returncode == 0, result.stderr[-3000:]
+    suite = command(EVALUATE, "--model", str(tmp_path / "model"), "--config", str(SUITE), "--retrieval", str(shards),
+                    "--out", str(tmp_path / "out"), "--batch-size", "4")
+    result = run_ok(suite, env={**os.environ, "DATAPATH": str(datapath)})
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert list(saved["results"]) == ["MUGE", "Flickr30K-CN", "COCO-CN", "ImageNet-CN", "shards"]
     assert (saved["results"]["COCO-CN"]["texts"], saved["results"]["ImageNet-CN"]["images"]) == (6, 4)
@@ -157,8 +150,7 @@ def test_the_suite_runs_every_set_into_one_table_beside_chinese_clips_numbers(tm
     assert "| ImageNet-CN: CN-CLIP ViT-B/16 (published, zero-shot) | 48.3 | – |" in table
     assert "| Flickr30K-CN |" in result.stdout
 
-    unset = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300,
-                           env={k: v for k, v in os.environ.items() if k != "DATAPATH"})
+    unset = run(suite, env={k: v for k, v in os.environ.items() if k != "DATAPATH"})
     assert unset.returncode == 1 and unset.stderr.strip().splitlines()[-1] == (
         "error: eval set MUGE: ${DATAPATH}/datasets/MUGE: an environment variable in it is not set "
         "(export it, or override the set's path)")
@@ -187,13 +179,12 @@ def test_zero_shot_classification_equals_chinese_clips_own_classifier_and_scorin
     from chinese_clip.evaluation.classification import chinese_clip_templates, evaluate_classification
     from chinese_clip.evaluation.zeroshot import class_embeddings
     from chinese_clip.tokenizer import load_tokenizer
-    from tests.test_finetune import TINY_CN_CLIP, cn_clip_checkpoint
 
     checkpoint = cn_clip_checkpoint(tmp_path / "tiny.pt")
     theirs = CLIP(**TINY_CN_CLIP).float().eval()
     theirs.load_state_dict({k.removeprefix("module."): v for k, v in torch.load(checkpoint)["state_dict"].items()})
     ours = load_pretrained(checkpoint).eval()
-    folder = write_folder(tmp_path / "set", per_class=(3, 2, 3))
+    folder = write_class_folder(tmp_path / "set", per_class=(3, 2, 3))
     names = ["“红色”圆形", "Red 正方形", "蓝色三角形"]  # curly quotes and capitals: its preprocessing matters
     (tmp_path / "set" / "label_cn.txt").write_text("\n".join(names), encoding="utf-8")
     collator = build_collator(DataConfig(), load_tokenizer(None, 52))

@@ -1,9 +1,7 @@
 """recipes/evaluate.py: retrieval scores of a saved model on a set in Chinese-CLIP's layout, the same
 from one process, from two, and from the library; features in Chinese-CLIP's format; one-line errors."""
 import json
-import subprocess
-import sys
-from pathlib import Path
+import re
 
 import pytest
 import torch
@@ -11,14 +9,11 @@ import torch
 from chinese_clip.checkpoints import save_pretrained
 from chinese_clip.config import Config, DataConfig, EvalSetConfig
 from chinese_clip.data.loaders import build_collator
-from chinese_clip.distributed import free_port
+from chinese_clip.evaluation.classification import read_labelled_folder
 from chinese_clip.evaluation.tasks import evaluate_set
 from chinese_clip.model import ChineseCLIP
 from chinese_clip.tokenizer import load_tokenizer
-from tests.test_retrieval_set import TINY, write_set
-
-ROOT = Path(__file__).resolve().parents[1]
-EVALUATE = str(ROOT / "recipes" / "evaluate.py")
+from tests.conftest import EVALUATE, TINY, command, run, run_ok, write_class_folder, write_retrieval_set
 
 
 @pytest.fixture(scope="module")
@@ -27,15 +22,13 @@ def model_and_set(tmp_path_factory):
     torch.manual_seed(0)
     model = ChineseCLIP(TINY)
     save_pretrained(model.state_dict(), Config(model=TINY), root / "model")
-    return root / "model", write_set(root / "MUGE", images=9, texts=13)
+    return root / "model", write_retrieval_set(root / "MUGE", images=9, texts=13)
 
 
-def evaluate(model_dir, data, out, launcher=(), extra=()):
+def evaluate(model_dir, data, out, engine=None, extra=()):
     """The retrieval scores (every set's, when `extra` names more sets) and what the recipe printed."""
-    result = subprocess.run([sys.executable, *launcher, EVALUATE, "--model", str(model_dir), "--retrieval", str(data),
-                             "--out", str(out), "--batch-size", "4", "--save-features", *extra],
-                            capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_ok(command(EVALUATE, "--model", str(model_dir), "--retrieval", str(data), "--out", str(out),
+                            "--batch-size", "4", "--save-features", *extra, engine=engine))
     results = json.loads((out / "results.json").read_text())["results"]
     return (results if extra else results["MUGE/valid"]), result.stdout
 
@@ -59,11 +52,9 @@ def test_the_recipe_scores_what_the_library_scores_and_writes_chinese_clips_feat
 @pytest.mark.slow
 def test_two_processes_score_the_same_as_one(model_and_set, tmp_path):
     model_dir, data = model_and_set
-    classification = ["--classification", str(write_folder(tmp_path / "shapes", per_class=(3, 2, 2)))]
+    classification = ["--classification", str(write_class_folder(tmp_path / "shapes", per_class=(3, 2, 2)))]
     one, _ = evaluate(model_dir, data, tmp_path / "one", extra=classification)
-    two, printed = evaluate(model_dir, data, tmp_path / "two", extra=classification,
-                            launcher=["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                                      "--main_process_port", str(free_port())])
+    two, printed = evaluate(model_dir, data, tmp_path / "two", engine="ddp", extra=classification)
     assert "processes: 2" in printed
     for key in ("text_to_image", "image_to_text"):
         assert two["MUGE/valid"][key] == pytest.approx(one["MUGE/valid"][key])
@@ -73,39 +64,19 @@ def test_two_processes_score_the_same_as_one(model_and_set, tmp_path):
 
 def test_a_missing_set_is_one_line(model_and_set, tmp_path):
     model_dir, _ = model_and_set
-    result = subprocess.run([sys.executable, EVALUATE, "--model", str(model_dir), "--retrieval", str(tmp_path / "none"),
-                             "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    result = run(command(EVALUATE, "--model", str(model_dir), "--retrieval", str(tmp_path / "none"),
+                         "--out", str(tmp_path / "out")))
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("error: eval set none/valid: ")
-
-
-def write_folder(root, per_class=(3, 2, 0)):
-    """Class folders 000, 001, ... of synthetic shapes, label_cn.txt beside them (Chinese-CLIP's layout)."""
-    from chinese_clip.data.synthetic import SyntheticShapes, class_name
-
-    shapes = SyntheticShapes("train", 200, 32)
-    (root / "test").mkdir(parents=True)
-    names = []
-    for label, count in enumerate(per_class):
-        folder = root / "test" / f"{label:03d}"
-        folder.mkdir()
-        found = [i for i in range(200) if shapes[i]["label"] == label][:count]
-        for i in found:
-            shapes[i]["image"].save(folder / f"{i}.png")
-        names.append(class_name(label))
-    (root / "label_cn.txt").write_text("\n".join(names) + "\n", encoding="utf-8")
-    return root / "test"
 
 
 def test_classification_scores_a_labelled_folder_and_names_its_labels_and_templates(model_and_set, tmp_path):
     from chinese_clip.evaluation.classification import accuracy, chinese_clip_templates, digest
 
     model_dir, _ = model_and_set
-    folder = write_folder(tmp_path / "shapes")
+    folder = write_class_folder(tmp_path / "shapes")
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, EVALUATE, "--model", str(model_dir), "--classification", str(folder),
-                             "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_ok(command(EVALUATE, "--model", str(model_dir), "--classification", str(folder), "--out", str(out)))
     scores = json.loads((out / "results.json").read_text())["results"]["test"]
     assert (scores["images"], scores["classes"], scores["empty_classes"]) == (5, 3, ["002 (红色三角形)"])
     assert scores["labels_sha256"] == digest(["红色圆形", "红色正方形", "红色三角形"])
@@ -125,12 +96,18 @@ def test_classification_scores_a_labelled_folder_and_names_its_labels_and_templa
     (lambda root: (root / "label_cn.txt").write_text("一\n二\n"), "3 class folders but .* 2 classes"),
     (lambda root: (root / "label_cn.txt").unlink(), "no label_cn.txt"),
 ])
-def test_a_broken_label_file_is_one_line(model_and_set, tmp_path, damage, message):
-    import re
-
-    model_dir, _ = model_and_set
-    folder = write_folder(tmp_path / "shapes")
+def test_a_broken_label_file_is_refused_naming_what_is_wrong(tmp_path, damage, message):
+    folder = write_class_folder(tmp_path / "shapes")
     damage(tmp_path / "shapes")
-    result = subprocess.run([sys.executable, EVALUATE, "--model", str(model_dir), "--classification", str(folder),
-                             "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert result.returncode == 1 and re.search(message, result.stderr.strip().splitlines()[-1]), result.stderr
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        read_labelled_folder(folder)
+
+
+def test_the_recipe_says_what_is_wrong_with_a_set_in_one_line(model_and_set, tmp_path):
+    model_dir, _ = model_and_set
+    folder = write_class_folder(tmp_path / "shapes")
+    (tmp_path / "shapes" / "label_cn.txt").write_text("一\n二\n")
+    result = run(command(EVALUATE, "--model", str(model_dir), "--classification", str(folder),
+                         "--out", str(tmp_path / "out")))
+    assert result.returncode == 1 and re.fullmatch(r"error: eval set test: .*3 class folders but .* 2 classes.*",
+                                                   result.stderr.strip().splitlines()[-1]), result.stderr

@@ -1,12 +1,8 @@
 """The gradient cache: k micro-batches give the parameter gradients of one batch of k x b.
 
-In one process directly (float64), and through the Trainer under DDP, DeepSpeed ZeRO-2 and ZeRO-3
-on 2 CPU processes against one process with the whole batch (relative 1e-5).
+In one process directly (float64), and through the Trainer under DDP, DeepSpeed ZeRO-2, ZeRO-3 and
+FSDP2 on 2 CPU processes against one process with the whole batch (relative 1e-5).
 """
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -14,9 +10,8 @@ from chinese_clip.config import LossConfig
 from chinese_clip.gradient_cache import gradient_cache_step
 from chinese_clip.losses import ContrastiveObjective
 from chinese_clip.model import ChineseCLIP
-from chinese_clip.distributed import free_port
+from tests.conftest import ROOT, command, run_ok
 
-ROOT = Path(__file__).resolve().parents[1]
 PROBE = str(ROOT / "tests" / "grad_probe.py")
 
 
@@ -94,45 +89,45 @@ def test_replays_the_random_state_of_each_micro_batch(tiny_model_cfg):
 
 
 # -- through the Trainer, 1 and 2 processes ------------------------------------------------------
-LAUNCHERS = {
-    "zero2": ["--config_file", str(ROOT / "ds_configs" / "accelerate" / "cpu_2proc_zero2.yaml")],
-    "zero3": ["--use_deepspeed", "--deepspeed_config_file", str(ROOT / "ds_configs" / "zero3.json")],
-    "ddp": ["--multi_gpu"],
-}
-
-
-def probe(tmp_path, name, accum_freq, micro_batch, overrides, launcher=None, dtype="float64"):
-    cmd = [sys.executable, PROBE]
-    if launcher is not None:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
-               "--main_process_port", str(free_port()), *LAUNCHERS[launcher], PROBE]
-    out = tmp_path / f"{name}.pt"
-    result = subprocess.run(cmd + [str(out), str(tmp_path / name), str(accum_freq), str(micro_batch), dtype, *overrides],
-                            capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return torch.load(out)
-
-
 LOSSES = {"clip": [], "siglip+triplet": ["loss.name=siglip", "loss.triplet_alpha=0.5"]}
 
 
+def probe(tmp_path, name, accum_freq, micro_batch, overrides, engine=None, dtype="float64"):
+    out = tmp_path / f"{name}.pt"
+    run_ok(command(PROBE, str(out), str(tmp_path / name), str(accum_freq), str(micro_batch), dtype, *overrides,
+                   engine=engine), timeout=600)
+    return torch.load(out)
+
+
+@pytest.fixture(scope="module")
+def one_batch_of_16(tmp_path_factory):
+    """The reference: one process, one batch of 16, by loss and dtype (each probed once)."""
+    probed = {}
+
+    def grads(loss, dtype):
+        if (loss, dtype) not in probed:
+            probed[loss, dtype] = probe(tmp_path_factory.mktemp("reference"), "batch16", 1, 16, LOSSES[loss],
+                                        dtype=dtype)["grads"]
+        return probed[loss, dtype]
+    return grads
+
+
 @pytest.mark.parametrize("loss", LOSSES)
-def test_trainer_one_process(tmp_path, loss):
-    reference = probe(tmp_path, "batch16", 1, 16, LOSSES[loss])["grads"]
-    _assert_same_grads(probe(tmp_path, "accum4", 4, 4, LOSSES[loss])["grads"], reference, rtol=1e-5)
+def test_trainer_one_process(tmp_path, one_batch_of_16, loss):
+    _assert_same_grads(probe(tmp_path, "accum4", 4, 4, LOSSES[loss])["grads"], one_batch_of_16(loss, "float64"),
+                       rtol=1e-5)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher, loss", [("zero2", "clip"), ("zero2", "siglip+triplet"), ("zero3", "clip"),
-                                            ("ddp", "clip")])
-def test_trainer_two_processes(tmp_path, launcher, loss):
+@pytest.mark.parametrize("engine, loss", [("zero2", "siglip+triplet"), ("zero3", "clip"), ("ddp", "clip"),
+                                          ("fsdp", "clip")])
+def test_trainer_two_processes(tmp_path, one_batch_of_16, engine, loss):
     """accum_freq=4, micro-batch 2 on each of 2 ranks = one process with a batch of 16; and the
     gradients cross the network once per step: no reduction in the first three backward passes."""
     # ZeRO-3 partitions 16- and 32-bit parameters only; in float32 rounding differs by up to ~1e-4.
-    dtype, rtol = ("float32", 1e-3) if launcher == "zero3" else ("float64", 1e-5)
-    reference = probe(tmp_path, "batch16", 1, 16, LOSSES[loss], dtype=dtype)["grads"]
-    ours = probe(tmp_path, "accum4", 4, 2, LOSSES[loss], launcher, dtype)
-    _assert_same_grads(ours["grads"], reference, rtol=rtol)
+    dtype, rtol = ("float32", 1e-3) if engine == "zero3" else ("float64", 1e-5)
+    ours = probe(tmp_path, "accum4", 4, 2, LOSSES[loss], engine, dtype)
+    _assert_same_grads(ours["grads"], one_batch_of_16(loss, dtype), rtol=rtol)
     assert ours["backward_passes"] == ["backward 0", "backward 1", "backward 2", "backward 3"]
     assert ours["reductions"], "no gradient reduction was seen"
     assert not set(ours["reductions"]) & {"backward 0", "backward 1", "backward 2"}, ours["reductions"]

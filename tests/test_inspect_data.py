@@ -1,13 +1,11 @@
 """data_tools/inspect_data.py on a generated table with known sizes and captions."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT, command, run_ok
+
 
 
 def test_the_report_counts_measures_plots_and_shows_samples(tmp_path):
@@ -18,10 +16,8 @@ def test_the_report_counts_measures_plots_and_shows_samples(tmp_path):
         lines.append(f"一只小猫第{i}张,{i}.jpg")
     lines += ["没有图片的标题,missing.jpg", ",0.jpg"]
     (tmp_path / "pairs.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    result = subprocess.run([sys.executable, str(ROOT / "data_tools" / "inspect_data.py"), str(tmp_path / "pairs.csv"),
-                             "--out", str(tmp_path / "report"), "--samples", "3"],
-                            capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert result.returncode == 0, result.stderr
+    result = run_ok(command(str(ROOT / "data_tools" / "inspect_data.py"), str(tmp_path / "pairs.csv"),
+                            "--out", str(tmp_path / "report"), "--samples", "3"))
     stats = json.loads((tmp_path / "report" / "stats.json").read_text())
     assert (stats["pairs"], stats["measured"]) == (6, 4)
     assert sum(stats["unreadable"].values()) == 2

@@ -1,17 +1,16 @@
-"""Accelerate launcher YAMLs: each parses as `accelerate launch` would read it; FSDP wraps our layers."""
+"""Accelerate launcher YAMLs: each parses as `accelerate launch` would read it, and the FSDP ones give
+the settings the FSDP2 engine takes."""
 from pathlib import Path
 
 import pytest
 from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 from accelerate.utils import FullyShardedDataParallelPlugin
 from accelerate.utils.launch import prepare_multi_gpu_env
-from timm.models.vision_transformer import Block
-from transformers.models.bert.modeling_bert import BertLayer
+from torch.distributed.fsdp import OffloadPolicy
 
-from chinese_clip.config import load_config
-from chinese_clip.model import ChineseCLIP
+from chinese_clip.runtime import launched_engine
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 LAUNCHERS = sorted((ROOT / "ds_configs" / "accelerate").glob("*.yaml"))
 
 
@@ -29,18 +28,12 @@ def test_launchers_parse_and_point_at_existing_deepspeed_configs(path):
     assert args.num_processes >= 2
 
 
-def test_fsdp_launcher_wraps_each_bert_layer_and_vit_block(monkeypatch):
-    env = prepare_multi_gpu_env(_launch_args(ROOT / "ds_configs" / "accelerate" / "fsdp_gpu.yaml"))
-    for key, value in env.items():
-        if key.startswith(("FSDP_", "ACCELERATE_USE_FSDP")):
+@pytest.mark.parametrize("path", [p for p in LAUNCHERS if "fsdp" in p.stem], ids=lambda p: p.stem)
+def test_fsdp_launchers_ask_for_fsdp2_as_the_engine_reads_it(path, monkeypatch):
+    for key, value in prepare_multi_gpu_env(_launch_args(path)).items():
+        if key.startswith(("FSDP_", "ACCELERATE_USE_")):
             monkeypatch.setenv(key, value)
-    # Syncing module states needs a GPU to sync on; everything else is what a GPU launch builds.
-    monkeypatch.setenv("FSDP_SYNC_MODULE_STATES", "false")
+    assert launched_engine() == "fsdp"
     plugin = FullyShardedDataParallelPlugin()
-    model = ChineseCLIP(load_config(ROOT / "recipes" / "configs" / "tiny_synthetic.yaml").model)
-    plugin.set_auto_wrap_policy(model)
-    assert plugin.auto_wrap_policy.keywords["transformer_layer_cls"] == {BertLayer, Block}
-    assert plugin.use_orig_params, "frozen and trainable parameters share shard units in staged training"
-    wrapped = [m for m in model.modules()
-               if plugin.auto_wrap_policy(module=m, recurse=False, nonwrapped_numel=0)]
-    assert len(wrapped) == model.cfg.vision.layers + model.cfg.text.layers
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
+    assert type(plugin.cpu_offload) is OffloadPolicy and not plugin.activation_checkpointing

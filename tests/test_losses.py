@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss, SigLipLoss
 
 from chinese_clip.config import LossConfig
-from chinese_clip.distributed import run_on_cpu_ranks
 from chinese_clip.losses import ContrastiveObjective, clip_loss, siglip_loss, triplet_loss
+from tests.conftest import run_on_cpu_ranks
 
 # Samples 0 and 3 show the same image, samples 1 and 6 too; samples 2 and 5 have the same caption.
 IMAGE_IDS = torch.tensor([10, 11, 12, 10, 14, 15, 11, 17])

@@ -1,36 +1,17 @@
 """Retrieval sets in Chinese-CLIP's layout: every malformed input is a clear error, and features
 computed by two ranks (uneven shares) equal those of one process, in the set's order."""
 import base64
-import json
 
 import pytest
 import torch
 
-from chinese_clip.config import DataConfig, ModelConfig, TextConfig, VisionConfig
+from chinese_clip.config import DataConfig
 from chinese_clip.data.collate import ImageTextCollator
-from chinese_clip.data.images import encode_jpeg
-from chinese_clip.data.synthetic import SyntheticShapes
 from chinese_clip.data.transforms import build_transform
-from chinese_clip.distributed import run_on_cpu_ranks
 from chinese_clip.evaluation.retrieval_set import read_retrieval_set, retrieval_features
 from chinese_clip.model import ChineseCLIP
 from chinese_clip.tokenizer import load_tokenizer
-
-TINY = ModelConfig(embed_dim=16, vision=VisionConfig(image_size=32, patch_size=8, width=32, layers=2, heads=2),
-                   text=TextConfig(hidden_size=32, layers=2, heads=2, intermediate_size=64, max_position_embeddings=64,
-                                   dropout=0.0))
-
-
-def write_set(root, images=5, texts=7):
-    root.mkdir(parents=True, exist_ok=True)
-    shapes = SyntheticShapes("train", max(images, texts), 32)
-    (root / "valid_imgs.tsv").write_text("".join(
-        f"{100 + i}\t{base64.urlsafe_b64encode(encode_jpeg(shapes[i]['image'])).decode()}\n" for i in range(images)))
-    (root / "valid_texts.jsonl").write_text("".join(
-        json.dumps({"text_id": t, "text": shapes[t]["text"], "image_ids": [100 + t % images, 100 + (t + 1) % images]},
-                   ensure_ascii=False) + "\n" for t in range(texts)), encoding="utf-8")
-    return root
-
+from tests.conftest import TINY, run_on_cpu_ranks, write_retrieval_set
 
 def features(root):
     torch.manual_seed(0)
@@ -42,7 +23,7 @@ def features(root):
 
 
 def test_two_ranks_compute_the_same_features_in_the_same_order_as_one_process(tmp_path):
-    root = write_set(tmp_path / "set")
+    root = write_retrieval_set(tmp_path / "set")
     texts, images = features(root)
     assert texts.shape == (7, 16) and images.shape == (5, 16)
     for rank_texts, rank_images in run_on_cpu_ranks(features, root):
@@ -62,14 +43,14 @@ def test_two_ranks_compute_the_same_features_in_the_same_order_as_one_process(tm
     (lambda r: (r / "valid_texts.jsonl").unlink(), "valid_texts.jsonl: no such file"),
 ])
 def test_a_malformed_set_is_refused_with_the_line_and_id(tmp_path, damage, message):
-    root = write_set(tmp_path / "set")
+    root = write_retrieval_set(tmp_path / "set")
     damage(root)
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         read_retrieval_set(root, "valid")
 
 
 def test_an_image_that_does_not_decode_is_named(tmp_path):
-    root = write_set(tmp_path / "set", images=2, texts=2)
+    root = write_retrieval_set(tmp_path / "set", images=2, texts=2)
     (root / "valid_imgs.tsv").write_text(f"100\t{base64.b64encode(b'<html>gone</html>').decode()}\n"
                                          + (root / "valid_imgs.tsv").read_text().splitlines()[1] + "\n")
     with pytest.raises(ValueError, match="image 100: does not decode"):

@@ -1,27 +1,24 @@
-"""The DeepSpeed config takes what the run config owns; contradictions and split-brain launches stop the run."""
+"""The launch's engine takes what the run config owns; contradictions, launches that would not shard
+and split-brain launches stop the run with one line."""
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from accelerate.utils import DistributedType
 
 from chinese_clip.config import ConfigError, load_config
-from chinese_clip.runtime import check_world_size, configure_deepspeed
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _accelerator(ds_config: dict, num_processes: int = 2):
-    plugin = SimpleNamespace(deepspeed_config=ds_config)
-    return SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin), num_processes=num_processes)
+from chinese_clip.engine.fsdp import FullyShard
+from chinese_clip.engine.zero import configure
+from chinese_clip.runtime import check_world_size, launched_engine
+from tests.conftest import ROOT
 
 
 @pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "zero3_offload"])
 def test_shipped_configs_get_their_auto_values_filled(name, monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # offload is a GPU-only path
     ds = json.loads((ROOT / "ds_configs" / f"{name}.json").read_text())
-    configure_deepspeed(_accelerator(ds), load_config(None, ["data.batch_size=16", "optim.grad_clip=0.5"]))
+    configure(ds, load_config(None, ["data.batch_size=16", "optim.grad_clip=0.5"]), processes=2)
     assert ds["train_micro_batch_size_per_gpu"] == 16 and ds["train_batch_size"] == 32
     assert ds["gradient_accumulation_steps"] == 1 and ds["gradient_clipping"] == 0.5
     if ds["zero_optimization"]["stage"] == 3:
@@ -39,24 +36,37 @@ def test_shipped_configs_get_their_auto_values_filled(name, monkeypatch):
 ])
 def test_contradictions_are_one_line_errors(ds, message):
     with pytest.raises(ConfigError) as e:
-        configure_deepspeed(_accelerator(ds), load_config(None, ["data.batch_size=16"]))
+        configure(ds, load_config(None, ["data.batch_size=16"]), processes=2)
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
 def test_offload_without_a_gpu_is_refused():
     ds = json.loads((ROOT / "ds_configs" / "zero3_offload.json").read_text())
     with pytest.raises(ConfigError, match="ZeRO-Offload needs a GPU"):
-        configure_deepspeed(_accelerator(ds), load_config(None))
+        configure(ds, load_config(None), processes=2)
 
 
 def test_the_gradient_cache_needs_a_zero_stage_that_can_hold_gradients():
     with pytest.raises(ConfigError, match="train.accum_freq > 1 under DeepSpeed needs ZeRO stage 1, 2 or 3"):
-        configure_deepspeed(_accelerator({"zero_optimization": {"stage": 0}}), load_config(None, ["train.accum_freq=2"]))
-    configure_deepspeed(_accelerator({"zero_optimization": {"stage": 2}}), load_config(None, ["train.accum_freq=2"]))
+        configure({"zero_optimization": {"stage": 0}}, load_config(None, ["train.accum_freq=2"]), processes=2)
+    configure({"zero_optimization": {"stage": 2}}, load_config(None, ["train.accum_freq=2"]), processes=2)
 
 
-def test_no_deepspeed_is_left_alone():
-    configure_deepspeed(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None)), load_config(None))
+@pytest.mark.parametrize("env, overrides, processes, message", [
+    ({"FSDP_VERSION": "1"}, [], 2, "fsdp_version is 1: this recipe shards with FSDP2 (fully_shard); set fsdp_version: 2"),
+    ({}, [], 1, "FSDP over one process shards nothing"),
+    ({"FSDP_ACTIVATION_CHECKPOINTING": "true"}, [], 2,
+     "fsdp_activation_checkpointing is true but model.grad_checkpointing is false"),
+    ({}, ["train.mixed_precision=fp16"], 2, "train.mixed_precision=fp16 under FSDP: use bf16"),
+])
+def test_an_fsdp_launch_that_would_not_shard_as_asked_is_one_line(monkeypatch, env, overrides, processes, message):
+    for key, value in {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", **env}.items():
+        monkeypatch.setenv(key, value)
+    assert launched_engine() == "fsdp"
+    accelerator = SimpleNamespace(num_processes=processes, device=torch.device("cpu"))
+    with pytest.raises(ConfigError) as e:
+        FullyShard(accelerator, load_config(None, overrides))
+    assert message in str(e.value) and "\n" not in str(e.value)
 
 
 def test_processes_that_train_apart_are_refused(monkeypatch):

@@ -5,8 +5,6 @@ import io
 import json
 import pickle
 import struct
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -18,8 +16,8 @@ from PIL import Image
 from chinese_clip.data.images import decode_image
 from chinese_clip.data.readers import read_pairs
 from chinese_clip.data.shards import build_shards
+from tests.conftest import ROOT, command, run, run_ok
 
-ROOT = Path(__file__).resolve().parents[1]
 GOOD_CAPTION = "一只橘色的猫趴在窗台上"
 
 
@@ -150,13 +148,10 @@ def test_chinese_clip_layouts_and_image_folders_are_read(tmp_path):
 
 
 def test_the_tool_prints_a_summary_and_names_a_missing_source(csv_dataset, tmp_path):
-    tool = [sys.executable, str(ROOT / "data_tools" / "build_shards.py")]
-    result = subprocess.run(tool + [str(csv_dataset), "--out", str(tmp_path / "s"), "--workers", "1"],
-                            capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr
+    tool = str(ROOT / "data_tools" / "build_shards.py")
+    result = run_ok(command(tool, str(csv_dataset), "--out", str(tmp_path / "s"), "--workers", "1"))
     assert "inputs" in result.stdout and "quarantined" in result.stdout and "too small" in result.stdout
-    result = subprocess.run(tool + [str(tmp_path / "nowhere"), "--out", str(tmp_path / "s")], capture_output=True,
-                            text=True, cwd=ROOT)
+    result = run(command(tool, str(tmp_path / "nowhere"), "--out", str(tmp_path / "s")))
     assert result.returncode == 1 and result.stderr.strip() == f"error: {tmp_path / 'nowhere'}: no such file or directory"
 
 

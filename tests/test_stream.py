@@ -1,6 +1,7 @@
 """Training from parquet shards: every sample once per epoch across ranks and workers, a resume that
 continues the exact sample sequence (ids and crops), weighted mixing, undecodable samples skipped
-and counted up to a limit, and every start-up error a user can make with shard paths."""
+and counted up to a limit (in a whole run too), and every start-up error a user can make with shard
+paths. (Two ranks on shards, killed and resumed: tests/test_staged.py, under ZeRO-2.)"""
 import io
 import json
 from collections import Counter
@@ -16,26 +17,16 @@ from torchvision.transforms import functional as legacy
 
 from chinese_clip.config import ConfigError, DataConfig, ShardSourceConfig
 from chinese_clip.data.loaders import build_train_loader
-from chinese_clip.data.shards import build_shards
 from chinese_clip.data.stream import DataError, open_sources
-from chinese_clip.data.synthetic import synthetic_pairs
 from chinese_clip.data.transforms import build_transform, decode
 from chinese_clip.tokenizer import load_tokenizer
+from tests.conftest import PRETRAIN, break_rows, command, metrics, on_shards, run, write_shards
 
 TOKENIZER = load_tokenizer(None, 16)
 
 
 def make_shards(path, shards=4, rows=10, seed=0):
-    build_shards(synthetic_pairs(shards * rows, 32, seed=seed), path, rows_per_shard=rows)
-    return path
-
-
-def break_rows(shard, rows: dict[int, bytes]):
-    """Replace the image bytes of some rows, as a disk fault would after the build."""
-    table = pq.read_table(shard).to_pylist()
-    for index, data in rows.items():
-        table[index]["image"] = data
-    pq.write_table(pa.Table.from_pylist(table, schema=pq.read_schema(shard)), shard)
+    return write_shards(path, shards * rows, rows, image_size=32, seed=seed)
 
 
 def data_cfg(*paths, **overrides):
@@ -180,3 +171,20 @@ def test_a_position_from_another_layout_is_refused_unless_reset(tmp_path):
         loader(data_cfg(shards, num_workers=1), position=position)
     fresh = take(loader(data_cfg(shards, num_workers=1)), 2)[0]
     assert take(loader(data_cfg(shards, num_workers=1, reset_position=True), position=position), 2)[0] == fresh
+
+
+def test_a_run_over_shards_with_broken_samples_finishes_and_reports_them(tmp_path):
+    path = write_shards(tmp_path / "shards", pairs=80, rows_per_shard=20)
+    good = pq.read_table(path / "shard-00001.parquet")["image"][0].as_py()
+    break_rows(path / "shard-00001.parquet", {3: good[:200], 4: b"", 9: b"<html>404</html>"})
+    run_dir = tmp_path / "run"
+    result = run(command(PRETRAIN, *on_shards(path, workers=1), "train.steps=6", "data.batch_size=16", "optim.warmup_steps=2",
+                         "eval.at_start=false", "checkpoint.every_steps=0", f"run.output_dir={run_dir}"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    skipped = [json.loads(line) for line in (run_dir / "skipped" / "rank-0.jsonl").read_text().splitlines()]
+    assert {d["reason"] for d in skipped} == {"does not decode: Image is incomplete or truncated", "empty image",
+                                              "does not decode: Unsupported image file"}
+    last = metrics(run_dir)[-1 if "data/samples_skipped" in metrics(run_dir)[-1] else -2]
+    assert last["data/samples_skipped"] == len(skipped) >= 3  # 96 samples trained: the whole epoch was read
+    assert last["data/samples_read"] == 96 + len(skipped)
+    assert f"skipped={len(skipped)}" in result.stderr  # the progress bar

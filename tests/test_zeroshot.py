@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from chinese_clip.distributed import run_on_cpu_ranks
 from chinese_clip.evaluation.zeroshot import zero_shot_classification
+from tests.conftest import run_on_cpu_ranks
 
 CLASSES = ["红色圆形", "蓝色方形", "绿色三角", "黄色星形", "紫色十字", "黑色心形"]
 TEMPLATES = ["一个{}", "{}的图片"]

@@ -7,14 +7,11 @@ Four pairs never appear in training (split "novel"): they measure true zero-shot
 from __future__ import annotations
 
 import math
-from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
-from chinese_clip.data.images import encode_jpeg
-from chinese_clip.data.readers import RawPair
 
 COLOURS = {  # name -> RGB; hues far apart so a tiny model separates them quickly
     "红色": (215, 40, 40),
@@ -111,12 +108,3 @@ class SyntheticShapes(Dataset):
         label = self.classes[int(rng.integers(len(self.classes)))]
         image, caption = draw_sample(rng, label, self.image_size)
         return {"image": image, "text": caption, "label": label, "image_id": index}
-
-
-def synthetic_pairs(size: int, image_size: int, seed: int = 0) -> Iterator[RawPair]:
-    """The training split as raw JPEG pairs, keyed "synthetic:<index>": input for build_shards when
-    there is no real data at hand (tests, benchmarks, trying the pipeline)."""
-    dataset = SyntheticShapes("train", size, image_size, seed=seed)
-    for index in range(size):
-        sample = dataset[index]
-        yield RawPair(f"synthetic:{index}", sample["text"], encode_jpeg(sample["image"]))
