@@ -71,7 +71,9 @@ class SyntheticConfig:
 
 @dataclass
 class ShardSourceConfig:
-    path: str = ""  # a directory that data_tools/build_shards.py wrote, one .parquet file, or a glob
+    # webdataset tars or build_shards' parquet shards: a directory, a file, a glob or a brace list
+    # ({00000..09999}.tar), local or an fsspec URL (s3://, gs://, hf://, https://)
+    path: str = ""
     weight: float = 1.0  # relative share of each batch's samples; a small source with a large weight repeats
 
 
@@ -268,8 +270,6 @@ def _check(cfg: Config) -> Config:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}")
-    if cfg.data.source == "shards" and not cfg.data.shards:
-        raise ConfigError("data.source=shards needs data.shards: a list of {path: ..., weight: ...}")
     if any(source.weight <= 0 for source in cfg.data.shards):
         raise ConfigError("data.shards: every weight must be > 0")
     if not 0 < cfg.data.crop_scale[0] <= cfg.data.crop_scale[1] <= 1:

@@ -319,7 +319,7 @@ class Trainer:
         """What a logged step records: the loss and its parts (mean over ranks: under local_loss and
         SigLIP ranks differ, and their mean is the global-batch loss), lr, throughput, data read."""
         losses = {name: self.accelerator.reduce(value, "mean").item() for name, value in parts.items()}
-        read, skipped = self.batches.counts["read"], self.batches.counts["skipped"]
+        counts = self.batches.counts
         record = {
             "train/loss": losses.pop("loss"),
             **{f"train/loss/{name}": value for name, value in losses.items()},
@@ -327,8 +327,7 @@ class Trainer:
             "train/logit_scale": logit_scale.item(),
             "train/samples_per_s": steps * self.stage.global_batch / elapsed,
             "train/step_time_s": elapsed / steps,
-            "data/samples_read": self.sum_over_ranks(read),
-            "data/samples_skipped": self.sum_over_ranks(skipped),
+            **{f"data/samples_{kind}": self.sum_over_ranks(counts[kind]) for kind in ("read", "skipped", "filtered")},
         }
         if grad_norm is not None:
             record["train/grad_norm"] = float(grad_norm)

@@ -1,4 +1,5 @@
-"""Build validated parquet shards from image-text pairs in any layout the readers know.
+"""Build validated parquet shards from image-text pairs in any layout the readers know (tars and
+parquet files also by URL, brace list or glob: "s3://bucket/tars/{00000..00099}.tar").
 
     python data_tools/build_shards.py <table.csv|.tsv|.jsonl | cn_clip dir | LMDB dir | image folder> \
         --out shards/ [--split train] [--workers 8] [--rows-per-shard 1000] [--max-short-side 512]

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import io
 import json
 import os
 import re
 import signal
 import socket
 import subprocess
+import tarfile
 import sys
 import tempfile
 import time
@@ -279,6 +281,23 @@ def synthetic_pairs(size: int, image_size: int, seed: int = 0):
 
 def write_shards(path: Path, pairs: int, rows_per_shard: int, image_size: int = 64, seed: int = 0) -> Path:
     build_shards(synthetic_pairs(pairs, image_size, seed=seed), path, rows_per_shard=rows_per_shard)
+    return path
+
+
+def write_tars(path: Path, pairs: int, per_tar: int, image_size: int = 64, seed: int = 0,
+               member_prefix: str = "") -> Path:
+    """The synthetic pairs as webdataset tars in img2dataset's layout (NNNNN.tar holding key.jpg,
+    key.txt, key.json), every member's name starting with `member_prefix`."""
+    path.mkdir(parents=True, exist_ok=True)
+    for index, pair in enumerate(synthetic_pairs(pairs, image_size, seed=seed)):
+        key = f"{member_prefix}{index:09d}"
+        members = [(f"{key}.jpg", pair.image), (f"{key}.txt", pair.caption.encode()),
+                   (f"{key}.json", json.dumps({"key": f"{index:09d}", "status": "success"}).encode())]
+        with tarfile.open(path / f"{index // per_tar:05d}.tar", "a") as tar:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
     return path
 
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from chinese_clip.config import Config, ConfigError, load_config, save_config
+from chinese_clip.data.stream import open_sources
 from chinese_clip.model import ChineseCLIP
-from tests.conftest import CONFIGS, PRETRAIN
+from tests.conftest import CONFIGS, PRETRAIN, command, error_lines, run
 
 RECIPE_CONFIGS = sorted(CONFIGS.glob("*.yaml"))
 CN_CLIP_CONFIGS = Path(__import__("cn_clip.clip", fromlist=["x"]).__file__).parent / "model_configs"
@@ -152,3 +153,23 @@ def test_recipe_reports_config_errors_in_one_line(args, message, tmp_path):
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr
     assert "Traceback" not in result.stderr
+
+
+GPU_PRESETS = ["vit_b16_roberta_base", "vit_b16_roberta_base_staged", "vit_b16_rbt3", "vit_l14_roberta_base",
+               "vit_h14_roberta_large"]
+
+
+@pytest.mark.parametrize("preset", GPU_PRESETS)
+def test_presets_for_gpus_train_on_real_data_that_the_user_names(preset):
+    cfg = load_config(CONFIGS / f"{preset}.yaml")
+    assert cfg.data.source == "shards"
+    with pytest.raises(ConfigError, match=r"^data.shards is empty: set it to the pairs to train on"):
+        open_sources(cfg.data, world_size=1, say=print)
+    assert load_config(CONFIGS / f"{preset}.yaml", ["data.source=synthetic"]).data.source == "synthetic"
+
+
+def test_launching_a_gpu_preset_without_data_stops_with_one_line_naming_the_key(tmp_path):
+    result = run(command(PRETRAIN, "--config", str(CONFIGS / "vit_b16_rbt3.yaml"), f"run.output_dir={tmp_path}"))
+    assert result.returncode == 2
+    [line] = error_lines(result)
+    assert line.startswith("error: data.shards is empty") and "data.source=synthetic" in line

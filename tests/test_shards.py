@@ -5,6 +5,8 @@ import io
 import json
 import pickle
 import struct
+import subprocess
+import tarfile
 import zlib
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from PIL import Image
 from chinese_clip.data.images import decode_image
 from chinese_clip.data.readers import read_pairs
 from chinese_clip.data.shards import build_shards
-from tests.conftest import ROOT, command, run, run_ok
+from tests.conftest import ROOT, command, run, run_ok, write_tars
 
 GOOD_CAPTION = "一只橘色的猫趴在窗台上"
 
@@ -156,8 +158,6 @@ def test_the_tool_prints_a_summary_and_names_a_missing_source(csv_dataset, tmp_p
 
 
 def test_webdataset_tars_and_parquet_files_are_read(tmp_path):
-    import tarfile
-
     import pyarrow as pa
 
     images = [encoded(photo(seed=i), "JPEG") for i in range(3)]
@@ -196,3 +196,48 @@ def test_a_quoted_csv_field_may_span_lines_and_a_bad_row_does_not_take_its_neigh
     assert [(p.key, p.caption, p.problem) for p in pairs] == [
         ("pairs.csv:2", "一只猫,\n趴在窗台上", None), ("pairs.csv:4", None, "invalid UTF-8 in pairs.csv:4"),
         ("pairs.csv:5", '最后"一行"', None)]
+
+
+def _keys_and_problems(source) -> list[tuple[str, str | None]]:
+    return [(p.key, p.problem) for p in read_pairs(source)]
+
+
+def test_tar_members_group_into_samples_by_webdatasets_rule(tmp_path):
+    import webdataset as wds
+
+    # `tar -cf x.tar .` stores ./000000.jpg, ./000000.txt, ...: three pairs, not one caption-less input
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    for index in range(3):
+        (folder / f"{index:06d}.jpg").write_bytes(encoded(photo(seed=index), "JPEG"))
+        (folder / f"{index:06d}.txt").write_text(GOOD_CAPTION, encoding="utf-8")
+    dotted = tmp_path / "dotted.tar"
+    subprocess.run(["tar", "-cf", str(dotted), "."], cwd=folder, check=True)
+    assert sorted(_keys_and_problems(dotted)) == [(f"dotted.tar/./{i:06d}", None) for i in range(3)]
+    # img2dataset's layout (jpg + txt + json) under directories with dots in their names, and a
+    # sample whose caption is missing
+    layout = write_tars(tmp_path / "img2dataset", pairs=3, per_tar=3, member_prefix="crawl.2024/part.00/")
+    with tarfile.open(layout / "00000.tar", "a") as tar:
+        info = tarfile.TarInfo("crawl.2024/part.00/000000003.jpg")
+        info.size = len(image := encoded(photo(seed=9), "JPEG"))
+        tar.addfile(info, io.BytesIO(image))
+    assert _keys_and_problems(layout / "00000.tar") == [
+        *[(f"00000.tar/crawl.2024/part.00/{i:09d}", None) for i in range(3)],
+        ("00000.tar/crawl.2024/part.00/000000003", "no caption (.txt or .json)")]
+    # the same keys as webdataset's own reader where members are in order
+    theirs = [sample["__key__"] for sample in wds.WebDataset(str(layout / "00000.tar"), shardshuffle=False)]
+    assert [key.split("/", 1)[1] for key, _ in _keys_and_problems(layout / "00000.tar")] == theirs
+
+    # cut in the middle of the third sample's image: two pairs, and one input for what was lost
+    data = (layout / "00000.tar").read_bytes()
+    cut = tmp_path / "cut" / "cut.tar"
+    cut.parent.mkdir()
+    cut.write_bytes(data[:data.index(b"000000002.jpg") + 512 + 100])
+    pairs = _keys_and_problems(cut)
+    assert [key for key, problem in pairs if problem is None] == [f"cut.tar/crawl.2024/part.00/{i:09d}" for i in range(2)]
+    assert len(pairs) == 3 and pairs[2][1].startswith("tar cut short or corrupt after crawl.2024/part.00/000000001")
+
+    counts = build_shards(read_pairs(tmp_path / "cut"), tmp_path / "out")
+    assert (counts["inputs"], counts["written"], counts["quarantined"]) == (3, 2, 1)
+    counts = build_shards(read_pairs(dotted), tmp_path / "out_dotted")
+    assert (counts["inputs"], counts["written"]) == (3, 3)

@@ -1,10 +1,12 @@
-"""Training from parquet shards: every sample once per epoch across ranks and workers, a resume that
+"""Training from parquet shards and webdataset tars: every sample once per epoch across ranks and workers, a resume that
 continues the exact sample sequence (ids and crops), weighted mixing, undecodable samples skipped
 and counted up to a limit (in a whole run too), and every start-up error a user can make with shard
 paths. (Two ranks on shards, killed and resumed: tests/test_staged.py, under ZeRO-2.)"""
 import io
 import json
+import tarfile
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -20,7 +22,7 @@ from chinese_clip.data.loaders import build_train_loader
 from chinese_clip.data.stream import DataError, open_sources
 from chinese_clip.data.transforms import build_transform, decode
 from chinese_clip.tokenizer import load_tokenizer
-from tests.conftest import PRETRAIN, break_rows, command, metrics, on_shards, run, write_shards
+from tests.conftest import PRETRAIN, break_rows, command, metrics, on_shards, run, write_shards, write_tars
 
 TOKENIZER = load_tokenizer(None, 16)
 
@@ -123,7 +125,7 @@ def test_undecodable_samples_are_skipped_counted_and_logged(tmp_path):
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert {d["id"]: d["reason"] for d in lines} == {ids[2]: "does not decode: Image is incomplete or truncated",
                                                      ids[5]: "does not decode: Unsupported image file"}
-    assert batches.counts == {"read": 20 + len(lines), "skipped": len(lines)}  # the next epoch may hit them again
+    assert batches.counts == {"read": 20 + len(lines), "skipped": len(lines), "filtered": 0}  # the next epoch may hit them again
 
 
 def test_too_many_undecodable_samples_stop_the_run_with_the_reason(tmp_path):
@@ -188,3 +190,44 @@ def test_a_run_over_shards_with_broken_samples_finishes_and_reports_them(tmp_pat
     assert last["data/samples_skipped"] == len(skipped) >= 3  # 96 samples trained: the whole epoch was read
     assert last["data/samples_read"] == 96 + len(skipped)
     assert f"skipped={len(skipped)}" in result.stderr  # the progress bar
+
+
+def tar_ids(path: Path, source: int = 0) -> list[str]:
+    return sorted(f"{source}:{tar.name}/{member.name.split('.')[0]}" for tar in sorted(path.glob("*.tar"))
+                  for member in tarfile.open(tar) if member.name.endswith(".jpg"))
+
+
+def test_webdataset_tars_stream_like_shards_filtered_by_build_shards_rules_and_resume_exactly(tmp_path):
+    tars = write_tars(tmp_path / "tars", pairs=32, per_tar=8, image_size=32)
+    cfg = data_cfg(tars)
+    ids = [i for rank in (0, 1) for batch in take(loader(cfg, rank, world_size=2), 4)[0] for i in batch]
+    assert sorted(ids) == tar_ids(tars)  # each of the 4 readers holds one tar: every sample once per epoch
+    whole, whole_pixels, _ = take(loader(cfg), 12)
+    first, first_pixels, position = take(loader(cfg), 5)
+    rest, rest_pixels, _ = take(loader(cfg, position=position), 7)
+    assert first + rest == whole and all(torch.equal(a, b) for a, b in zip(first_pixels + rest_pixels, whole_pixels))
+
+    # raw web data: an English caption, an image without caption, a tar cut inside an image
+    usable = set(tar_ids(tars)) - {f"0:00003.tar/0000000{i}" for i in range(27, 32)}
+
+    def add(tar: Path, name: str, data: bytes) -> None:
+        with tarfile.open(tar, "a") as archive:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    add(tars / "00001.tar", "english.jpg", b"not read")
+    add(tars / "00001.tar", "english.txt", b"a photo of a cat")
+    add(tars / "00002.tar", "lonely.jpg", b"not read")
+    data = (tars / "00003.tar").read_bytes()
+    (tars / "00003.tar").write_bytes(data[:data.index(b"000000027.jpg") + 600])
+    log = tmp_path / "skipped.jsonl"
+    batches = loader(data_cfg(tars, num_workers=1, bad_check_after=10_000), skip_log=log)
+    trained = [i for batch in take(batches, 7)[0] for i in batch]  # 27 usable pairs an epoch: into the second
+    assert set(trained) == usable
+    reasons = {d["id"]: d["reason"] for d in map(json.loads, log.read_text().splitlines())}
+    assert reasons == {"00001.tar/english": "no Chinese characters",  # filtered, as build_shards would
+                       "00002.tar/lonely": "no caption (.txt or .json)",
+                       "00003.tar/000000026+": "tar cut short or corrupt after 000000026: unexpected end of data"}
+    lines = log.read_text().splitlines()
+    filtered = sum("no Chinese" in line for line in lines)
+    assert batches.counts == {"read": len(trained) + len(lines), "skipped": len(lines) - filtered, "filtered": filtered}

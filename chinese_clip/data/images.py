@@ -45,10 +45,8 @@ def decode_image(data: bytes, rules: ImageRules = ImageRules()) -> Image.Image:
         image.load()
     except (OSError, SyntaxError, ValueError) as e:  # a truncated download stays an error, never grey pixels
         raise BadImage(f"truncated or corrupt: {e}") from None
-    if min(width, height) < rules.min_side:
-        raise BadImage(f"too small: {width}x{height}, shorter side under {rules.min_side}")
-    if max(width, height) / min(width, height) > rules.max_aspect:
-        raise BadImage(f"extreme aspect ratio: {width}x{height}")
+    if problem := size_problem(width, height, rules):
+        raise BadImage(problem)
     image = to_rgb(image)
     short = min(width, height)
     if rules.max_short_side is not None and short > rules.max_short_side:
@@ -56,6 +54,15 @@ def decode_image(data: bytes, rules: ImageRules = ImageRules()) -> Image.Image:
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
         image = image.resize(size, Image.BICUBIC, reducing_gap=3.0)
     return image
+
+
+def size_problem(width: int, height: int, rules: ImageRules = ImageRules()) -> str | None:
+    """Why an image of this size teaches nothing, or None."""
+    if min(width, height) < rules.min_side:
+        return f"too small: {width}x{height}, shorter side under {rules.min_side}"
+    if max(width, height) / min(width, height) > rules.max_aspect:
+        return f"extreme aspect ratio: {width}x{height}"
+    return None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -39,7 +39,7 @@ class SyntheticBatches:
 
     @property
     def counts(self) -> dict[str, int]:
-        return {"read": self.sample // self.world_size, "skipped": 0}
+        return {"read": self.sample // self.world_size, "skipped": 0, "filtered": 0}
 
 
 def build_train_loader(cfg: DataConfig, tokenizer: ChineseTokenizer, image_size: int, *, rank: int,

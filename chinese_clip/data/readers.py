@@ -10,23 +10,27 @@ every input, either in a shard or in its quarantine report.
     cn_clip  Chinese-CLIP's `{split}_imgs.tsv` (image_id <TAB> base64) + `{split}_texts.jsonl`
     lmdb     Chinese-CLIP's LMDB directory (`imgs/`, `pairs/`), as its build_lmdb_dataset.py writes
     folder   images with a caption file beside each (cat.jpg + cat.txt)
-    tar      webdataset shards as img2dataset writes them (000001.jpg + 000001.txt or .json), one
-             .tar or a directory of them
+    tar      webdataset shards as img2dataset writes them (000001.jpg + 000001.txt or .json; see
+             tars.py for how members group into samples), one .tar or a directory of them
     parquet  an image column (bytes, or {bytes: ...} as `datasets` stores images) and a caption
              column; one file or a directory of them (this project's shards included)
+
+Tars and parquet files may also be named by an fsspec URL (s3://, https://, ...), a brace list
+(`{00000..00099}.tar`) or a glob, and are then streamed from wherever they are.
 """
 from __future__ import annotations
 
 import base64
 import csv
-import io
 import json
 import pickle
 import re
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
+
+from chinese_clip.data.storage import is_remote, list_files, open_binary
+from chinese_clip.data.tars import tar_samples
 
 CAPTION_COLUMNS = ("text", "caption")
 IMAGE_COLUMNS = ("image_path", "image", "filepath", "file")
@@ -43,7 +47,15 @@ class RawPair:
 
 
 def read_pairs(source: str | Path, split: str = "train") -> Iterator[RawPair]:
-    """Every pair of `source`, recognising its layout (see the module docstring)."""
+    """Every pair of `source`, recognising its layout (see the module docstring). Tars and parquet
+    files may also be named by URL (s3://..., https://...), brace list or glob."""
+    source = str(source)
+    if is_remote(source) or any(c in source for c in "{*?["):
+        files = list_files(source, (".tar", ".parquet"), "source")
+        kinds = {Path(f).suffix.lower() for f in files}
+        if len(kinds) > 1:
+            raise ValueError(f"{source}: names both .tar and .parquet files; give them as two sources")
+        return (read_tars if kinds == {".tar"} else read_parquet)(files)
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
@@ -52,7 +64,7 @@ def read_pairs(source: str | Path, split: str = "train") -> Iterator[RawPair]:
         if suffix in (".csv", ".tsv", ".jsonl"):
             return read_table(path)
         if suffix in (".tar", ".parquet"):
-            return (read_tars if suffix == ".tar" else read_parquet)([path])
+            return (read_tars if suffix == ".tar" else read_parquet)([str(path)])
         raise ValueError(f"{path}: expected a .csv, .tsv, .jsonl, .tar or .parquet file, or a directory")
     if (path / "imgs").is_dir() and (path / "pairs").is_dir():
         return read_cn_clip_lmdb(path)
@@ -60,7 +72,7 @@ def read_pairs(source: str | Path, split: str = "train") -> Iterator[RawPair]:
         return read_cn_clip_tsv(path, split)
     for suffix, reader in ((".tar", read_tars), (".parquet", read_parquet)):
         if files := sorted(path.glob(f"*{suffix}")):
-            return reader(files)
+            return reader([str(f) for f in files])
     return read_image_folder(path)
 
 
@@ -96,33 +108,34 @@ def _csv_rows(path: Path) -> Iterator[tuple[str, dict | None, str | None]]:
     """Rows as the csv module reads them (a quoted field may hold newlines), keyed by their first line.
     Undecodable bytes survive as surrogates, so a row holding any is reported and the rest still read."""
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    text = path.read_bytes().decode("utf-8", errors="surrogateescape")
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    columns = next(reader, None)
-    if columns is None:
-        return
-    if any(UNDECODED.search(c) for c in columns):
-        raise ValueError(f"{path}: the header line is not UTF-8")
-    first_line = reader.line_num + 1
-    for fields in reader:
-        where, first_line = f"{path.name}:{first_line}", reader.line_num + 1
-        if any(UNDECODED.search(f) for f in fields):
-            yield where, None, f"invalid UTF-8 in {where}"
-        elif any(f.strip() for f in fields):
-            yield where, dict(zip(columns, fields)), None
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:  # streamed: tables can be huge
+        reader = csv.reader(f, delimiter=delimiter)
+        columns = next(reader, None)
+        if columns is None:
+            return
+        if any(UNDECODED.search(c) for c in columns):
+            raise ValueError(f"{path}: the header line is not UTF-8")
+        first_line = reader.line_num + 1
+        for fields in reader:
+            where, first_line = f"{path.name}:{first_line}", reader.line_num + 1
+            if any(UNDECODED.search(f) for f in fields):
+                yield where, None, f"invalid UTF-8 in {where}"
+            elif any(f.strip() for f in fields):
+                yield where, dict(zip(columns, fields)), None
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict | None, str | None]]:
-    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
-        where = f"{path.name}:{number}"
-        text, problem = _decode_line(raw, where)
-        if problem:
-            yield where, None, problem
-        elif text.strip():
-            try:
-                yield where, json.loads(text), None
-            except json.JSONDecodeError as e:
-                yield where, None, f"not JSON: {e.msg}"
+    with open(path, "rb") as f:  # streamed: tables can be huge
+        for number, raw in enumerate(f, start=1):
+            where = f"{path.name}:{number}"
+            text, problem = _decode_line(raw.rstrip(b"\r\n"), where)
+            if problem:
+                yield where, None, problem
+            elif text.strip():
+                try:
+                    yield where, json.loads(text), None
+                except json.JSONDecodeError as e:
+                    yield where, None, f"not JSON: {e.msg}"
 
 
 def read_cn_clip_tsv(directory: Path, split: str) -> Iterator[RawPair]:
@@ -179,60 +192,34 @@ def read_image_folder(directory: Path) -> Iterator[RawPair]:
 
 
 
-def read_tars(paths: list[Path]) -> Iterator[RawPair]:
-    """webdataset: the members of a sample share a key (the name up to its first dot) and are
-    stored together, so samples stream out one at a time."""
-    for path in paths:
-        key, files = None, {}
-        with tarfile.open(path) as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                name, _, extension = member.name.partition(".")
-                if name != key and key is not None:
-                    yield _tar_sample(f"{path.name}/{key}", files)
-                    files = {}
-                key = name
-                files[extension.lower()] = tar.extractfile(member).read()
-        if key is not None:
-            yield _tar_sample(f"{path.name}/{key}", files)
+def read_tars(urls: list[str]) -> Iterator[RawPair]:
+    for url in urls:
+        name = url.rstrip("/").rsplit("/", 1)[-1]
+        for key, caption, image, problem in tar_samples(url):
+            yield RawPair(f"{name}/{key}", caption, image, problem)
 
 
-def _tar_sample(where: str, files: dict[str, bytes]) -> RawPair:
-    image = next((files[e] for e in ("jpg", "jpeg", "png", "webp") if e in files), None)
-    caption, problem = None, None
-    if "txt" in files:
-        caption, problem = _decode_line(files["txt"], f"{where}.txt")
-    elif "json" in files:
-        try:
-            meta = json.loads(files["json"])
-            caption = meta.get("caption") or meta.get("text")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-            problem = f"unreadable {where}.json: {e}"
-    else:
-        problem = "no caption (.txt or .json)"
-    if image is None:
-        problem = problem or "no image (.jpg, .jpeg, .png or .webp)"
-    return RawPair(where, caption.strip() if caption else caption, image, problem)
-
-
-def read_parquet(paths: list[Path]) -> Iterator[RawPair]:
+def read_parquet(urls: list[str]) -> Iterator[RawPair]:
     import pyarrow.parquet as pq
 
-    for path in paths:
-        file = pq.ParquetFile(path)
-        names = file.schema_arrow.names
-        image_column = next((c for c in ("image", "jpg", "img", "image_bytes") if c in names), None)
-        caption_column = next((c for c in CAPTION_COLUMNS if c in names), None)
-        if image_column is None or caption_column is None:
-            raise ValueError(f"{path}: expected an image column (image, jpg, img, image_bytes) and a caption "
-                             f"column ({', '.join(CAPTION_COLUMNS)}); it has {names}")
-        number = 0
-        for batch in file.iter_batches(batch_size=256, columns=[image_column, caption_column]):
-            for row in batch.to_pylist():
-                image = row[image_column]
-                if isinstance(image, dict):  # datasets' Image feature: {"bytes": ..., "path": ...}
-                    image = image.get("bytes")
-                yield RawPair(f"{path.name}:{number}", row[caption_column], image,
-                              None if image else "no image bytes")
-                number += 1
+    for url in urls:
+        name = url.rstrip("/").rsplit("/", 1)[-1]
+        with open_binary(url) as stream:
+            yield from _parquet_pairs(name, pq.ParquetFile(stream))
+
+
+def _parquet_pairs(name: str, file) -> Iterator[RawPair]:
+    names = file.schema_arrow.names
+    image_column = next((c for c in ("image", "jpg", "img", "image_bytes") if c in names), None)
+    caption_column = next((c for c in CAPTION_COLUMNS if c in names), None)
+    if image_column is None or caption_column is None:
+        raise ValueError(f"{name}: expected an image column (image, jpg, img, image_bytes) and a caption "
+                         f"column ({', '.join(CAPTION_COLUMNS)}); it has {names}")
+    number = 0
+    for batch in file.iter_batches(batch_size=256, columns=[image_column, caption_column]):
+        for row in batch.to_pylist():
+            image = row[image_column]
+            if isinstance(image, dict):  # datasets' Image feature: {"bytes": ..., "path": ...}
+                image = image.get("bytes")
+            yield RawPair(f"{name}:{number}", row[caption_column], image, None if image else "no image bytes")
+            number += 1

@@ -1,11 +1,14 @@
-"""Training samples from parquet shards: streamed through `datasets`, split across ranks and
-dataloader workers, shuffled in a buffer, mixed from several sources by weight, and resumable to
-the exact sample.
+"""Training samples from parquet shards or webdataset tars, local or remote: streamed through
+`datasets`, split across ranks and dataloader workers, shuffled in a buffer, mixed from several
+sources by weight, and resumable to the exact sample.
 
 Each (rank, worker) reads its own shards of each source: datasets' split_dataset_by_node gives a
 rank its shards, and iterating inside a DataLoader worker gives that worker its share of them.
-The rows come from a plain pyarrow generator that datasets shards by file (its parquet builder
-pauses 5 s whenever an iteration ends, a workaround for apache/arrow#45214, once per epoch).
+The rows come from plain generators that datasets shards by file: pyarrow for parquet (datasets'
+parquet builder pauses 5 s whenever an iteration ends, a workaround for apache/arrow#45214, once
+per epoch) and tars.py for tars. Tars hold raw web data: their captions are normalised and filtered
+by the rules build_shards applies (a filtered sample is counted, and is not "bad"), their images
+decoded and held to its size rules.
 A worker's stream of a source is a pure function of (seed, epoch, rank, worker), since the shard
 order and the shuffle buffer's draws are seeded, so its position is two numbers per source: the
 epoch and the rows read in it. A resumed worker replays its streams up to there without decoding
@@ -25,12 +28,12 @@ import re
 from bisect import bisect
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from glob import glob
 from itertools import accumulate, islice
 from pathlib import Path
 from typing import Callable, Iterator
 
 import datasets
+import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 import torch
@@ -38,9 +41,15 @@ from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from chinese_clip.config import ConfigError, DataConfig
+from chinese_clip.data.captions import caption_problem, normalise_caption
+from chinese_clip.data.images import size_problem
+from chinese_clip.data.storage import list_files, open_binary
+from chinese_clip.data.tars import tar_samples
 from chinese_clip.data.transforms import UnusableSample, build_transform, decode, seeded
 
 COLUMNS = ["id", "caption", "image"]
+TAR_FEATURES = datasets.Features({"id": datasets.Value("string"), "caption": datasets.Value("string"),
+                                  "image": datasets.Value("binary"), "problem": datasets.Value("string")})
 _SHARD_NAME = re.compile(r"shard-(\d{5})\.parquet")
 
 
@@ -48,33 +57,47 @@ class DataError(RuntimeError):
     """The data is worse than the run allows (data.max_bad_fraction); str() says what and where."""
 
 
+class FilteredSample(UnusableSample):
+    """A tar sample that build_shards' rules would not keep: counted, but not towards max_bad_fraction."""
+
+
 @dataclass(frozen=True)
 class ShardSource:
     path: str
-    files: tuple[str, ...]  # the shards that hold rows, in name order
-    rows: int
+    files: tuple[str, ...]  # the shards that hold rows (tars: all), in name order
+    rows: int | None  # unknown for tars, which have no footer to count them from
     weight: float
+    kind: str = "parquet"  # or "tar"
 
 
 def open_sources(cfg: DataConfig, world_size: int, say: Callable[[str], None] = print) -> list[ShardSource]:
     """data.shards, each checked now, so that a wrong path or a missing shard stops the run at start-up
-    and not hours in: the files exist, are parquet with the shard columns and, for a directory that
-    build_shards wrote, none is missing. Each reader (rank x dataloader worker) needs a shard of
-    every source."""
+    and not hours in: the files exist; shards are parquet with the shard columns and, in a directory
+    that build_shards wrote, none is missing (tars are read only in training: their samples are
+    not counted up front). Each reader (rank x dataloader worker) needs a file of every source."""
+    if not cfg.shards:
+        raise ConfigError("data.shards is empty: set it to the pairs to train on, e.g. "
+                          "data.shards='[{path: \"s3://bucket/laion-zh/{00000..09999}.tar\"}]' (webdataset tars, "
+                          "build_shards' shards, files, globs or URLs), or data.source=synthetic for synthetic shapes")
     readers = world_size * max(1, cfg.num_workers)
     sources = []
     for entry in cfg.shards:
         files = shard_files(entry.path)
-        with ThreadPoolExecutor(16) as pool:  # footers only; on network storage the latency adds up
-            rows = list(pool.map(_rows_in_shard, files))
-        _check_complete(Path(entry.path), sum(rows))
-        kept = tuple(f for f, n in zip(files, rows) if n)
+        if files[0].lower().endswith(".tar"):
+            source = ShardSource(entry.path, tuple(files), None, entry.weight, "tar")
+            say(f"data: {entry.path}: {len(files)} webdataset tars, weight {entry.weight:g}")
+        else:
+            with ThreadPoolExecutor(16) as pool:  # footers only; on network storage the latency adds up
+                rows = list(pool.map(_rows_in_shard, files))
+            _check_complete(entry.path, sum(rows))
+            source = ShardSource(entry.path, tuple(f for f, n in zip(files, rows) if n), sum(rows), entry.weight)
+            say(f"data: {entry.path}: {sum(rows):,} pairs in {len(source.files)} shards, weight {entry.weight:g}")
+        kept = source.files
         if len(kept) < readers:
-            raise ConfigError(f"{entry.path}: {len(kept)} shards hold rows, but {readers} readers (ranks x dataloader "
-                              "workers) each need their own; rebuild with a smaller --rows-per-shard or use fewer "
-                              "workers")
-        sources.append(ShardSource(entry.path, kept, sum(rows), entry.weight))
-        say(f"data: {entry.path}: {sum(rows):,} pairs in {len(kept)} shards, weight {entry.weight:g}")
+            raise ConfigError(f"{entry.path}: {len(kept)} {'tars' if source.kind == 'tar' else 'shards hold rows'}, "
+                              f"but {readers} readers (ranks x dataloader workers) each need their own; use more, "
+                              "smaller files or fewer workers")
+        sources.append(source)
         if len(kept) % world_size:  # datasets then splits by rows instead of by shards
             say(f"data: {len(kept)} shards are not a multiple of {world_size} ranks: every rank reads all of them and "
                 f"keeps 1 row in {world_size}; a multiple would read {world_size}x less")
@@ -82,36 +105,40 @@ def open_sources(cfg: DataConfig, world_size: int, say: Callable[[str], None] = 
 
 
 def shard_files(path: str, what: str = "data.shards") -> list[str]:
-    """The parquet files of a shard directory (all of build_shards' numbered shards), a file or a glob;
+    """The files of one source: parquet shards (all of build_shards' numbered shards in a directory)
+    or webdataset tars, named by a directory, a file, a glob or a brace list, local or an fsspec URL;
     errors begin with `what`."""
-    if any(c in path for c in "*?["):
-        files = sorted(glob(path))
-        if not files:
-            raise ConfigError(f"{what}: {path} matches no file")
-        return files
-    where = Path(path)
-    if where.is_file():
-        return [str(where)]
-    if not where.is_dir():
-        raise ConfigError(f"{what}: {path}: no such file or directory")
-    named = sorted(where.glob("shard-*.parquet"))
-    files = named or sorted(where.glob("*.parquet"))
-    if not files:
-        raise ConfigError(f"{what}: {path} holds no .parquet files; build them with data_tools/build_shards.py")
-    numbers = {int(m.group(1)) for f in named if (m := _SHARD_NAME.fullmatch(f.name))}
-    missing = sorted(set(range(max(numbers) + 1)) - numbers) if numbers else []
+    files = list_files(path, (".parquet", ".tar"), what)
+    if len({f.lower().endswith(".tar") for f in files}) > 1:
+        raise ConfigError(f"{what}: {path} holds both .tar and .parquet files; give each kind as its own source")
+    fs, inner = fsspec.core.url_to_fs(path)
+    numbered = [f for f in files if _SHARD_NAME.fullmatch(_name(f))]
+    if numbered and fs.isdir(inner):
+        _check_build(path, fs, inner, numbered, what)
+        return numbered
+    return files
+
+
+def _check_build(path: str, fs, inner: str, files: list[str], what: str) -> None:
+    """A directory that build_shards wrote: no numbered shard missing, and the build finished."""
+    numbers = {int(_SHARD_NAME.fullmatch(_name(f)).group(1)) for f in files}
+    missing = sorted(set(range(max(numbers) + 1)) - numbers)
     if missing:
         raise ConfigError(f"{what}: {path} is missing shard-{missing[0]:05d}.parquet"
                           + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-    if unfinished := sorted(where.glob("shard-*.parquet.partial")):
-        raise ConfigError(f"{what}: {path}: build_shards did not finish ({unfinished[0].name}); run it again to "
+    if unfinished := sorted(fs.glob(f"{inner}/shard-*.parquet.partial")):
+        raise ConfigError(f"{what}: {path}: build_shards did not finish ({_name(unfinished[0])}); run it again to "
                           "complete the build")
-    return [str(f) for f in files]
+
+
+def _name(file: str) -> str:
+    return file.rstrip("/").rsplit("/", 1)[-1]
 
 
 def _rows_in_shard(file: str) -> int:
     try:
-        meta = pq.ParquetFile(file)
+        with open_binary(file) as stream:
+            meta = pq.ParquetFile(stream)
     except Exception as e:  # pyarrow raises several types for a file that is not parquet
         raise ConfigError(f"data.shards: {file} is not a readable parquet file ({e})") from None
     if missing := [c for c in COLUMNS if c not in meta.schema_arrow.names]:
@@ -120,11 +147,12 @@ def _rows_in_shard(file: str) -> int:
     return meta.metadata.num_rows
 
 
-def _check_complete(path: Path, rows: int) -> None:
+def _check_complete(path: str, rows: int) -> None:
     """build_shards' summary counts what it wrote: fewer rows on disk means a shard went missing."""
-    summary = path / "summary.json" if path.is_dir() else None
-    if summary is not None and summary.is_file():
-        written = json.loads(summary.read_text())["written"]
+    fs, inner = fsspec.core.url_to_fs(path)
+    summary = f"{inner.rstrip('/')}/summary.json"
+    if fs.isdir(inner) and fs.isfile(summary):
+        written = json.loads(fs.cat_file(summary))["written"]
         if written != rows:
             raise ConfigError(f"data.shards: {path}: build_shards wrote {written:,} pairs, the shards hold {rows:,}: "
                               "a shard was removed or replaced")
@@ -133,8 +161,15 @@ def _check_complete(path: Path, rows: int) -> None:
 def _shard_rows(files: list[str]) -> Iterator[dict]:
     """The rows of `files`, in order; datasets hands each reader a subset of the files."""
     for file in files:
-        for batch in pq.ParquetFile(file).iter_batches(batch_size=256, columns=COLUMNS):
-            yield from batch.to_pylist()
+        with open_binary(file) as stream:
+            for batch in pq.ParquetFile(stream).iter_batches(batch_size=256, columns=COLUMNS):
+                yield from batch.to_pylist()
+
+
+def _tar_rows(files: list[str]) -> Iterator[dict]:
+    for file in files:
+        for key, caption, image, problem in tar_samples(file):
+            yield {"id": f"{_name(file)}/{key}", "caption": caption, "image": image, "problem": problem}
 
 
 def image_id(data: bytes) -> int:
@@ -161,7 +196,11 @@ class ShardStream(IterableDataset):
         """This rank's rows of one source, shuffled. Built inside each dataloader worker: datasets keeps
         an IterableDataset's epoch in shared memory, so workers iterating one object built before the
         fork would change each other's epoch (and so their shuffles) as each crossed into the next."""
-        rows = datasets.IterableDataset.from_generator(_shard_rows, gen_kwargs={"files": list(source.files)})
+        if source.kind == "tar":
+            rows = datasets.IterableDataset.from_generator(_tar_rows, features=TAR_FEATURES,
+                                                           gen_kwargs={"files": list(source.files)})
+        else:
+            rows = datasets.IterableDataset.from_generator(_shard_rows, gen_kwargs={"files": list(source.files)})
         return split_dataset_by_node(rows.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer),
                                      rank=self.rank, world_size=self.world_size)
 
@@ -169,8 +208,9 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         worker = info.id if info is not None else 0
         state = copy.deepcopy(self.start.get(str(worker))) or {
-            "sources": [[0, 0] for _ in self.sources], "read": 0, "skipped": 0,
+            "sources": [[0, 0] for _ in self.sources], "read": 0, "skipped": 0, "filtered": 0,
             "rng": np.random.default_rng([self.seed, self.rank, worker]).bit_generator.state}
+        state.setdefault("filtered", 0)  # positions saved before tars were a source
         rng = np.random.default_rng()
         rng.bit_generator.state = state["rng"]
         streams = [self._rows(i, self._dataset(source), state) for i, source in enumerate(self.sources)]
@@ -183,8 +223,10 @@ class ShardStream(IterableDataset):
                 try:
                     sample = self._sample(source, epoch, row)
                 except UnusableSample as e:
-                    state["skipped"] += 1
+                    state["filtered" if isinstance(e, FilteredSample) else "skipped"] += 1
                     skips.append({"source": self.sources[source].path, "id": row["id"], "reason": str(e)})
+                    if isinstance(e, FilteredSample):
+                        continue
                     if state["read"] >= self.bad_check_after and state["skipped"] > self.max_bad_fraction * state["read"]:
                         yield None, {"worker": worker, "error": self._too_many_bad(worker, state, skips[-1])}
                         return
@@ -209,15 +251,24 @@ class ShardStream(IterableDataset):
             state["sources"][source] = [epoch, offset]
 
     def _sample(self, source: int, epoch: int, row: dict) -> dict:
-        if not row["caption"]:
+        caption = row["caption"]
+        if self.sources[source].kind == "tar":
+            if row["problem"]:
+                raise UnusableSample(row["problem"])
+            caption = normalise_caption(caption or "")
+            if problem := caption_problem(caption):
+                raise FilteredSample(problem)
+        elif not caption:
             raise UnusableSample("empty caption")
         pixels = decode(row["image"])
+        if self.sources[source].kind == "tar" and (problem := size_problem(pixels.shape[2], pixels.shape[1])):
+            raise FilteredSample(problem)
         # The crop depends on the sample and the epoch only: not on the rank or worker reading it,
         # nor on whether the run was resumed in between.
         key = hashlib.blake2b(f"{self.seed}/{source}/{epoch}/{row['id']}".encode(), digest_size=8).digest()
         with seeded(int.from_bytes(key, "little") >> 1):
             pixels = self.transform(pixels)
-        return {"image": pixels, "text": row["caption"], "image_id": image_id(row["image"])}
+        return {"image": pixels, "text": caption, "image_id": image_id(row["image"])}
 
     def _too_many_bad(self, worker: int, state: dict, last: dict) -> str:
         return (f"{state['skipped']:,} of the {state['read']:,} samples that dataloader worker {worker} of rank "
@@ -267,8 +318,9 @@ class ShardBatches:
 
     @property
     def counts(self) -> dict[str, int]:
-        """Samples this rank's workers have read and skipped since the run began."""
-        return {key: sum(w[key] for w in self.workers.values()) for key in ("read", "skipped")}
+        """Samples this rank's workers have read, skipped (unusable) and filtered (tar samples that
+        build_shards' rules would not keep) since the run began."""
+        return {key: sum(w.get(key, 0) for w in self.workers.values()) for key in ("read", "skipped", "filtered")}
 
 
 def stream_layout(sources: list[ShardSource], cfg: DataConfig, world_size: int, seed: int) -> dict:
