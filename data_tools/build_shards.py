@@ -10,6 +10,14 @@ fewer than --min-words jieba words, longer than --max-chars) go to `quarantine/*
 reason; the rest are converted to RGB, optionally shrunk, re-encoded as JPEG and written to
 `shard-NNNNN.parquet`. Running it again on the same input resumes after the last finished shard.
 Every input row ends in a shard or in the quarantine report; the summary says how many of each.
+
+Across machines: N jobs (a SLURM array, a Kubernetes indexed job) each run with `--part I/N` and the
+same source and --out; the source's files (its rows, for one table) go round-robin to the parts,
+and part I writes `<out>/part-IIIII-of-NNNNN/`. Then `--check <out>` accounts for every input
+across the parts; training takes <out> as one source.
+
+    python data_tools/build_shards.py "s3://bucket/laion-zh/{00000..09999}.tar" --out /shared/shards --part 3/32
+    python data_tools/build_shards.py --check /shared/shards
 """
 from __future__ import annotations
 
@@ -19,14 +27,17 @@ import sys
 
 from chinese_clip.data.captions import CaptionRules
 from chinese_clip.data.images import ImageRules
-from chinese_clip.data.readers import read_pairs
-from chinese_clip.data.shards import ShardRules, build_shards, summary_table
+from chinese_clip.data.readers import Part, read_pairs
+from chinese_clip.data.shards import ShardRules, build_shards, check_parts, summary_table
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source")
-    parser.add_argument("--out", required=True)
+    parser.add_argument("source", nargs="?")
+    parser.add_argument("--out")
+    parser.add_argument("--part", type=_part, default=Part(), metavar="I/N",
+                        help="build part I (0-based) of N; every part writes its own part directory in --out")
+    parser.add_argument("--check", metavar="OUT", help="check a build split with --part: every input in exactly one part")
     parser.add_argument("--split", default="train", help="for Chinese-CLIP's {split}_imgs.tsv layout")
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--rows-per-shard", type=int, default=1000)
@@ -36,16 +47,33 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--min-words", type=int, default=CaptionRules.min_words)
     parser.add_argument("--max-chars", type=int, default=CaptionRules.max_chars)
     args = parser.parse_args(argv)
+    if args.check:
+        try:
+            counts = check_parts(args.check)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        print(summary_table(counts))
+        return counts
+    if args.source is None or args.out is None:
+        parser.error("give a source and --out, or --check OUT")
     rules = ShardRules(image=ImageRules(min_side=args.min_side, max_aspect=args.max_aspect,
                                         max_short_side=args.max_short_side),
                        caption=CaptionRules(min_words=args.min_words, max_chars=args.max_chars))
     try:
-        pairs = read_pairs(args.source, args.split)
-        counts = build_shards(pairs, args.out, rules, rows_per_shard=args.rows_per_shard, workers=args.workers)
+        pairs = read_pairs(args.source, args.split, args.part)
+        counts = build_shards(pairs, args.out, rules, rows_per_shard=args.rows_per_shard, workers=args.workers,
+                              part=args.part)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     print(summary_table(counts))
     return counts
+
+
+def _part(text: str) -> Part:
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit() and 0 <= int(index) < int(count)):
+        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N, got {text!r}")
+    return Part(int(index), int(count))
 
 
 if __name__ == "__main__":

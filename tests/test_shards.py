@@ -1,13 +1,17 @@
-"""data_tools/build_shards.py: every reader on generated data, and a corrupt-input suite in which
+"""data_tools/build_shards.py: every reader on generated data (tars as webdataset groups them, tables
+streamed), builds split into parts and their check, and a corrupt-input suite in which
 each input lands in a shard or in the quarantine report with the right reason."""
 import base64
 import io
 import json
 import pickle
+import shutil
 import struct
 import subprocess
 import tarfile
+import tracemalloc
 import zlib
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +19,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from chinese_clip.config import ConfigError, DataConfig, ShardSourceConfig
 from chinese_clip.data.images import decode_image
-from chinese_clip.data.readers import read_pairs
-from chinese_clip.data.shards import build_shards
+from chinese_clip.data.readers import Part, read_pairs
+from chinese_clip.data.shards import build_shards, check_parts
+from chinese_clip.data.stream import open_sources, shard_files
+from data_tools.build_shards import main as build_shards_cli
 from tests.conftest import ROOT, command, run, run_ok, write_tars
 
 GOOD_CAPTION = "一只橘色的猫趴在窗台上"
@@ -241,3 +248,64 @@ def test_tar_members_group_into_samples_by_webdatasets_rule(tmp_path):
     assert (counts["inputs"], counts["written"], counts["quarantined"]) == (3, 2, 1)
     counts = build_shards(read_pairs(dotted), tmp_path / "out_dotted")
     assert (counts["inputs"], counts["written"]) == (3, 3)
+
+
+def _sources(shard_dir: Path) -> list[str]:
+    return sorted(row["source"] for shard in shard_dir.rglob("shard-*.parquet") for row in pq.read_table(shard).to_pylist())
+
+
+def _quarantined(shard_dir: Path) -> list[str]:
+    return sorted(json.loads(line)["source"] for file in shard_dir.rglob("quarantine/*.jsonl")
+                  for line in file.read_text(encoding="utf-8").splitlines())
+
+
+def test_a_build_split_into_parts_writes_what_one_build_writes_and_the_check_adds_the_parts_up(csv_dataset, tmp_path):
+    tars = write_tars(tmp_path / "tars", pairs=10, per_tar=2, image_size=32)  # 5 tars split by file
+    for source in (csv_dataset, tars):  # one table: split by row
+        whole = build_shards_cli([str(source), "--out", str(tmp_path / "whole" / source.name), "--workers", "1", "--rows-per-shard", "2"])
+        parts = tmp_path / "parts" / source.name
+        for index in range(3):
+            build_shards_cli([str(source), "--out", str(parts), "--part", f"{index}/3", "--workers", "1", "--rows-per-shard", "2"])
+        assert sorted(p.name for p in parts.iterdir()) == [f"part-0000{i}-of-00003" for i in range(3)]
+        checked = build_shards_cli(["--check", str(parts)])
+        assert (checked["inputs"], checked["written"], checked["quarantined"]) == (
+            whole["inputs"], whole["written"], whole["quarantined"])
+        # the union is one build's inputs, each exactly once
+        assert _sources(parts) == _sources(tmp_path / "whole" / source.name)
+        assert _quarantined(parts) == _quarantined(tmp_path / "whole" / source.name)
+        assert len(shard_files(str(parts))) == sum(len(list(p.glob("shard-*.parquet"))) for p in parts.iterdir())
+        [trained] = open_sources(DataConfig(source="shards", shards=[ShardSourceConfig(str(parts))], num_workers=1), 1,
+                                 say=lambda _: None)
+        assert trained.rows == whole["written"]  # training takes the parts as one source
+
+    parts = tmp_path / "parts" / "tars"
+    (parts / "part-00002-of-00003" / "summary.json").unlink()
+    with pytest.raises(ValueError, match=r"part 2/3 did not finish \(no summary.json\); run it again"):
+        check_parts(parts)
+    with pytest.raises(ConfigError, match="did not finish part-00002-of-00003"):
+        shard_files(str(parts))
+    (parts / "part-00001-of-00003" / "shard-00000.parquet").unlink()
+    with pytest.raises(ValueError, match="part-00001-of-00003: shard-00000.parquet is missing"):
+        check_parts(parts)
+    shutil.rmtree(parts / "part-00002-of-00003")
+    with pytest.raises(ValueError, match="part 2/3 is missing"):
+        check_parts(parts)
+    with pytest.raises(ConfigError, match=r"part 2/3 of the build is missing; run build_shards --part 2/3"):
+        shard_files(str(parts))
+    result = run(command(str(ROOT / "data_tools" / "build_shards.py"), "--check", str(parts)))
+    assert result.returncode == 1 and result.stderr.strip() == f"error: {parts}: part 2/3 is missing"
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_a_huge_table_is_read_row_by_row(tmp_path, suffix):
+    (tmp_path / "a.jpg").write_bytes(encoded(photo(), "JPEG"))
+    table = tmp_path / f"pairs{suffix}"
+    row = (f"a.jpg,{GOOD_CAPTION}\n" if suffix == ".csv"
+           else json.dumps({"image_path": "a.jpg", "text": GOOD_CAPTION}, ensure_ascii=False) + "\n")
+    table.write_text(("image_path,text\n" if suffix == ".csv" else "") + row * 200_000, encoding="utf-8")
+    tracemalloc.start()
+    pairs = list(islice(read_pairs(table, part=Part(1, 2)), 100))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(pairs) == 100 and pairs[0].key == f"{table.name}:{3 if suffix == '.csv' else 2}"
+    assert peak < table.stat().st_size / 10  # a 7 MB table: the rows read so far, not the file

@@ -39,6 +39,27 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".ti
 
 
 @dataclass
+class Part:
+    """Input `index` of `count` (build_shards --part I/N): the source's units (its files, or its rows
+    when it is one table) go round-robin to the parts, so N jobs split it disjointly without talking
+    to each other. A reader counts the units it saw and kept, which the parts' check adds up."""
+    index: int = 0
+    count: int = 1
+    unit: str = ""  # "files" or "rows", whichever the reader split
+    seen: int = 0
+    kept: int = 0
+
+    def takes(self, position: int, unit: str) -> bool:
+        self.unit, self.seen = unit, self.seen + 1
+        mine = position % self.count == self.index
+        self.kept += mine
+        return mine
+
+    def files(self, files: list) -> list:
+        return [f for position, f in enumerate(files) if self.takes(position, "files")]
+
+
+@dataclass
 class RawPair:
     key: str  # where it came from, for reports: "train.csv:17", "train_texts.jsonl:3/123"
     caption: str | None
@@ -46,34 +67,34 @@ class RawPair:
     problem: str | None = None  # why the reader could not produce it whole
 
 
-def read_pairs(source: str | Path, split: str = "train") -> Iterator[RawPair]:
-    """Every pair of `source`, recognising its layout (see the module docstring). Tars and parquet
-    files may also be named by URL (s3://..., https://...), brace list or glob."""
-    source = str(source)
+def read_pairs(source: str | Path, split: str = "train", part: Part | None = None) -> Iterator[RawPair]:
+    """Every pair of `source` (of `part` of it), recognising its layout (see the module docstring).
+    Tars and parquet files may also be named by URL (s3://..., https://...), brace list or glob."""
+    source, part = str(source), part or Part()
     if is_remote(source) or any(c in source for c in "{*?["):
         files = list_files(source, (".tar", ".parquet"), "source")
         kinds = {Path(f).suffix.lower() for f in files}
         if len(kinds) > 1:
             raise ValueError(f"{source}: names both .tar and .parquet files; give them as two sources")
-        return (read_tars if kinds == {".tar"} else read_parquet)(files)
+        return (read_tars if kinds == {".tar"} else read_parquet)(part.files(files))
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix in (".csv", ".tsv", ".jsonl"):
-            return read_table(path)
+            return read_table(path, part)
         if suffix in (".tar", ".parquet"):
-            return (read_tars if suffix == ".tar" else read_parquet)([str(path)])
+            return (read_tars if suffix == ".tar" else read_parquet)(part.files([str(path)]))
         raise ValueError(f"{path}: expected a .csv, .tsv, .jsonl, .tar or .parquet file, or a directory")
     if (path / "imgs").is_dir() and (path / "pairs").is_dir():
-        return read_cn_clip_lmdb(path)
+        return read_cn_clip_lmdb(path, part)
     if (path / f"{split}_imgs.tsv").is_file():
-        return read_cn_clip_tsv(path, split)
+        return read_cn_clip_tsv(path, split, part)
     for suffix, reader in ((".tar", read_tars), (".parquet", read_parquet)):
         if files := sorted(path.glob(f"*{suffix}")):
-            return reader([str(f) for f in files])
-    return read_image_folder(path)
+            return reader(part.files([str(f) for f in files]))
+    return read_image_folder(path, part)
 
 
 def _decode_line(raw: bytes, where: str) -> tuple[str | None, str | None]:
@@ -87,9 +108,11 @@ def _pick(row: dict, columns: tuple[str, ...]) -> str | None:
     return next((row[c] for c in columns if row.get(c) not in (None, "")), None)
 
 
-def read_table(path: Path) -> Iterator[RawPair]:
+def read_table(path: Path, part: Part) -> Iterator[RawPair]:
     rows = _jsonl_rows(path) if path.suffix.lower() == ".jsonl" else _csv_rows(path)
-    for where, row, problem in rows:
+    for position, (where, row, problem) in enumerate(rows):
+        if not part.takes(position, "rows"):  # before its image is read
+            continue
         if problem:
             yield RawPair(where, None, None, problem)
             continue
@@ -138,7 +161,7 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict | None, str | None]]:
                     yield where, None, f"not JSON: {e.msg}"
 
 
-def read_cn_clip_tsv(directory: Path, split: str) -> Iterator[RawPair]:
+def read_cn_clip_tsv(directory: Path, split: str, part: Part) -> Iterator[RawPair]:
     """One pair per (text, image id) of `{split}_texts.jsonl`; images from `{split}_imgs.tsv`."""
     images: dict[str, bytes] = {}
     for number, raw in enumerate((directory / f"{split}_imgs.tsv").read_bytes().splitlines(), start=1):
@@ -147,7 +170,9 @@ def read_cn_clip_tsv(directory: Path, split: str) -> Iterator[RawPair]:
             images[image_id.decode()] = base64.urlsafe_b64decode(b64)
         except (ValueError, UnicodeDecodeError):
             images[image_id.decode(errors="replace")] = b""  # decode_image names it an empty file
-    for where, row, problem in _jsonl_rows(directory / f"{split}_texts.jsonl"):
+    for position, (where, row, problem) in enumerate(_jsonl_rows(directory / f"{split}_texts.jsonl")):
+        if not part.takes(position, "rows"):
+            continue
         if problem:
             yield RawPair(where, None, None, problem)
             continue
@@ -159,7 +184,7 @@ def read_cn_clip_tsv(directory: Path, split: str) -> Iterator[RawPair]:
                 yield RawPair(key, row.get("text"), images[str(image_id)])
 
 
-def read_cn_clip_lmdb(directory: Path) -> Iterator[RawPair]:
+def read_cn_clip_lmdb(directory: Path, part: Part) -> Iterator[RawPair]:
     """Chinese-CLIP's LMDB: pairs/ maps a sample index to a pickled (image_id, text_id, text), imgs/
     an image id to the base64 image. The pickles are Chinese-CLIP's own format: read only trusted data."""
     import lmdb
@@ -169,6 +194,8 @@ def read_cn_clip_lmdb(directory: Path) -> Iterator[RawPair]:
     with pairs.begin() as pair_txn, images.begin() as image_txn:
         count = int(pair_txn.get(b"num_samples").decode())
         for index in range(count):
+            if not part.takes(index, "rows"):
+                continue
             image_id, text_id, text = pickle.loads(pair_txn.get(str(index).encode()))
             b64 = image_txn.get(str(image_id).encode())
             key = f"{directory.name}/pairs/{index}"
@@ -180,8 +207,8 @@ def read_cn_clip_lmdb(directory: Path) -> Iterator[RawPair]:
     images.close()
 
 
-def read_image_folder(directory: Path) -> Iterator[RawPair]:
-    for file in sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+def read_image_folder(directory: Path, part: Part) -> Iterator[RawPair]:
+    for file in part.files(sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)):
         key = str(file.relative_to(directory))
         caption_file = file.with_suffix(".txt")
         if not caption_file.is_file():

@@ -5,11 +5,16 @@ Inputs are cut, in reading order, into chunks of `rows_per_shard`; chunk i becom
 `quarantine/{i:05d}.jsonl` (one line per dropped input: source key and reason). The shard is
 renamed into place last, so a chunk whose shard exists is complete: an interrupted build resumes
 at the first missing one without duplicating rows. Every input lands in exactly one of the two.
+
+A build split over machines (`Part` I of N) writes into `part-IIIII-of-NNNNN/` of the same output
+directory, each part a complete build of its share with its own summary; `check_parts` then
+accounts for every input across the parts, and training reads the directory as one source.
 """
 from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import re
 from collections import Counter
 from dataclasses import dataclass
 from itertools import count, islice
@@ -22,8 +27,9 @@ from tqdm import tqdm
 
 from chinese_clip.data.captions import CaptionRules, caption_problem, normalise_caption
 from chinese_clip.data.images import BadImage, ImageRules, decode_image, encode_jpeg
-from chinese_clip.data.readers import RawPair
+from chinese_clip.data.readers import Part, RawPair
 
+PART_NAME = re.compile(r"part-(\d{5})-of-(\d{5})")
 SCHEMA = pa.schema([("id", pa.string()), ("caption", pa.string()), ("image", pa.binary()),
                     ("width", pa.int32()), ("height", pa.int32()), ("source", pa.string())])
 
@@ -56,10 +62,15 @@ def _clean_batch(args: tuple[list[RawPair], ShardRules]) -> list[tuple[dict | No
     return [clean_pair(pair, rules) for pair in pairs]
 
 
+def part_directory(out_dir: str | Path, part: Part) -> Path:
+    return Path(out_dir) / f"part-{part.index:05d}-of-{part.count:05d}" if part.count > 1 else Path(out_dir)
+
+
 def build_shards(pairs: Iterable[RawPair], out_dir: str | Path, rules: ShardRules = ShardRules(),
-                 rows_per_shard: int = 1000, workers: int = 1) -> dict:
-    """Write the shards and the quarantine report; returns the counts (see `summary_table`)."""
-    out_dir = Path(out_dir)
+                 rows_per_shard: int = 1000, workers: int = 1, part: Part | None = None) -> dict:
+    """Write the shards and the quarantine report; returns the counts (see `summary_table`). `part`:
+    the one the reader of `pairs` was given, whose share goes into its own part directory."""
+    out_dir = part_directory(out_dir, part or Part())
     (out_dir / "quarantine").mkdir(parents=True, exist_ok=True)
     counts = {"inputs": 0, "written": 0, "quarantined": 0, "shards_resumed": 0, "reasons": Counter()}
     pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
@@ -83,8 +94,55 @@ def build_shards(pairs: Iterable[RawPair], out_dir: str | Path, rules: ShardRule
         if pool is not None:
             pool.close()
             pool.join()
+    if part is not None and part.count > 1:
+        counts["part"] = vars(part)
     (out_dir / "summary.json").write_text(json.dumps({**counts, "reasons": dict(counts["reasons"])}, indent=2))
     return counts
+
+
+def check_parts(out_dir: str | Path) -> dict:
+    """The parts of a split build, added up: every part present and finished, every input of the source
+    in exactly one part (the parts' units add up to the source's), and in each part every input in a
+    shard or the quarantine, no shard missing. Returns the summed counts; ValueError says what is wrong."""
+    out_dir = Path(out_dir)
+    found = {tuple(map(int, m.groups())): d for d in out_dir.iterdir() if (m := PART_NAME.fullmatch(d.name))} \
+        if out_dir.is_dir() else {}
+    if not found:
+        raise ValueError(f"{out_dir}: no part-IIIII-of-NNNNN directories (build_shards --part I/N writes them)")
+    counts = {n for _, n in found}
+    if len(counts) > 1:
+        raise ValueError(f"{out_dir}: parts of different splits ({', '.join(f'of {n}' for n in sorted(counts))})")
+    [count] = counts
+    if missing := [i for i in range(count) if (i, count) not in found]:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ValueError(f"{out_dir}: part {missing[0]}/{count} is missing{more}")
+    totals = {"inputs": 0, "written": 0, "quarantined": 0, "shards_resumed": 0, "reasons": Counter()}
+    seen, kept = set(), 0
+    for index in range(count):
+        directory = found[(index, count)]
+        if not (directory / "summary.json").is_file():
+            raise ValueError(f"{directory}: part {index}/{count} did not finish (no summary.json); run it again")
+        summary = json.loads((directory / "summary.json").read_text())
+        shards = sorted(directory.glob("shard-*.parquet"))
+        if missing := sorted(set(range(len(shards))) - {int(f.name[6:11]) for f in shards}):
+            raise ValueError(f"{directory}: shard-{missing[0]:05d}.parquet is missing")
+        if sum(pq.ParquetFile(f).metadata.num_rows for f in shards) != summary["written"]:
+            raise ValueError(f"{directory}: the shards hold other rows than the {summary['written']:,} part "
+                             f"{index}/{count} wrote: a shard was removed or replaced")
+        if summary["inputs"] != summary["written"] + summary["quarantined"]:
+            raise ValueError(f"{directory}: {summary['inputs']:,} inputs, but {summary['written']:,} written and "
+                             f"{summary['quarantined']:,} quarantined")
+        seen.add((summary["part"]["unit"], summary["part"]["seen"]))
+        kept += summary["part"]["kept"]
+        for key in ("inputs", "written", "quarantined"):
+            totals[key] += summary[key]
+        totals["reasons"].update(summary["reasons"])
+    if len(seen) > 1:
+        raise ValueError(f"{out_dir}: the parts read different sources ({sorted(seen)})")
+    [(unit, total)] = seen
+    if kept != total:
+        raise ValueError(f"{out_dir}: the parts took {kept:,} of the source's {total:,} {unit}")
+    return totals
 
 
 def _write_chunk(index: int, chunk: list[RawPair], shard: Path, out_dir: Path, rules: ShardRules, pool, workers: int,

@@ -50,7 +50,7 @@ def list_files(path: str, suffixes: tuple[str, ...], what: str) -> list[str]:
             found = [inner]
         else:
             raise ConfigError(f"{what}: {entry}: no such file or directory")
-        files += [_url(fs, p, entry) for p in found]
+        files += [full_path(fs, p, entry) for p in found]
     return files
 
 
@@ -70,8 +70,9 @@ def _listed_files(entries: list[str], what: str) -> list[str]:
     return entries
 
 
-def _url(fs: fsspec.AbstractFileSystem, inner: str, entry: str) -> str:
-    """A local file as a plain path (relative if the entry was); a remote one as a full URL."""
+def full_path(fs: fsspec.AbstractFileSystem, inner: str, entry: str) -> str:
+    """What `fs` lists, as the rest of the code names files: a local file as a plain path (relative
+    if `entry` was), a remote one as a full URL."""
     if isinstance(fs, LocalFileSystem):
         return inner if entry.startswith(("/", "file://")) else os.path.relpath(inner)
     return fs.unstrip_protocol(inner)

@@ -43,7 +43,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from chinese_clip.config import ConfigError, DataConfig
 from chinese_clip.data.captions import caption_problem, normalise_caption
 from chinese_clip.data.images import size_problem
-from chinese_clip.data.storage import list_files, open_binary
+from chinese_clip.data.shards import PART_NAME
+from chinese_clip.data.storage import full_path, list_files, open_binary
 from chinese_clip.data.tars import tar_samples
 from chinese_clip.data.transforms import UnusableSample, build_transform, decode, seeded
 
@@ -89,7 +90,7 @@ def open_sources(cfg: DataConfig, world_size: int, say: Callable[[str], None] = 
         else:
             with ThreadPoolExecutor(16) as pool:  # footers only; on network storage the latency adds up
                 rows = list(pool.map(_rows_in_shard, files))
-            _check_complete(entry.path, sum(rows))
+            _check_complete(entry.path, files, rows)
             source = ShardSource(entry.path, tuple(f for f, n in zip(files, rows) if n), sum(rows), entry.weight)
             say(f"data: {entry.path}: {sum(rows):,} pairs in {len(source.files)} shards, weight {entry.weight:g}")
         kept = source.files
@@ -106,12 +107,14 @@ def open_sources(cfg: DataConfig, world_size: int, say: Callable[[str], None] = 
 
 def shard_files(path: str, what: str = "data.shards") -> list[str]:
     """The files of one source: parquet shards (all of build_shards' numbered shards in a directory)
-    or webdataset tars, named by a directory, a file, a glob or a brace list, local or an fsspec URL;
-    errors begin with `what`."""
+    or webdataset tars, named by a directory (one that build_shards --part wrote in parts too), a
+    file, a glob or a brace list, local or an fsspec URL; errors begin with `what`."""
+    fs, inner = fsspec.core.url_to_fs(path)
+    if fs.isdir(inner) and (parts := sorted(p for p in fs.ls(inner, detail=False) if PART_NAME.fullmatch(_name(p)))):
+        return [file for part in _finished_parts(path, fs, parts, what) for file in shard_files(part, what)]
     files = list_files(path, (".parquet", ".tar"), what)
     if len({f.lower().endswith(".tar") for f in files}) > 1:
         raise ConfigError(f"{what}: {path} holds both .tar and .parquet files; give each kind as its own source")
-    fs, inner = fsspec.core.url_to_fs(path)
     numbered = [f for f in files if _SHARD_NAME.fullmatch(_name(f))]
     if numbered and fs.isdir(inner):
         _check_build(path, fs, inner, numbered, what)
@@ -131,6 +134,18 @@ def _check_build(path: str, fs, inner: str, files: list[str], what: str) -> None
                           "complete the build")
 
 
+def _finished_parts(path: str, fs, parts: list[str], what: str) -> list[str]:
+    """The part directories of a split build, each present and finished (its summary written)."""
+    count = int(PART_NAME.fullmatch(_name(parts[0])).group(2))
+    present = {int(PART_NAME.fullmatch(_name(p)).group(1)) for p in parts}
+    if missing := sorted(set(range(count)) - present):
+        raise ConfigError(f"{what}: {path}: part {missing[0]}/{count} of the build is missing; run build_shards "
+                          f"--part {missing[0]}/{count}, then build_shards --check {path}")
+    if unfinished := [p for p in parts if not fs.isfile(f"{p}/summary.json")]:
+        raise ConfigError(f"{what}: {path}: build_shards did not finish {_name(unfinished[0])}; run that part again")
+    return [full_path(fs, p, path) for p in parts]
+
+
 def _name(file: str) -> str:
     return file.rstrip("/").rsplit("/", 1)[-1]
 
@@ -147,15 +162,23 @@ def _rows_in_shard(file: str) -> int:
     return meta.metadata.num_rows
 
 
-def _check_complete(path: str, rows: int) -> None:
-    """build_shards' summary counts what it wrote: fewer rows on disk means a shard went missing."""
+def _check_complete(path: str, files: list[str], rows: list[int]) -> None:
+    """build_shards' summary counts what it wrote (in each part of a split build): fewer rows on disk
+    means a shard went missing."""
     fs, inner = fsspec.core.url_to_fs(path)
-    summary = f"{inner.rstrip('/')}/summary.json"
-    if fs.isdir(inner) and fs.isfile(summary):
-        written = json.loads(fs.cat_file(summary))["written"]
-        if written != rows:
-            raise ConfigError(f"data.shards: {path}: build_shards wrote {written:,} pairs, the shards hold {rows:,}: "
-                              "a shard was removed or replaced")
+    if not fs.isdir(inner):
+        return
+    in_directory: dict[str, int] = {}
+    for file, count in zip(files, rows):
+        directory = file.rstrip("/").rsplit("/", 1)[0] if "/" in file else "."
+        in_directory[directory] = in_directory.get(directory, 0) + count
+    for directory, count in in_directory.items():
+        summary = f"{directory}/summary.json"
+        if fs.isfile(summary):
+            written = json.loads(fs.cat_file(summary))["written"]
+            if written != count:
+                raise ConfigError(f"data.shards: {directory}: build_shards wrote {written:,} pairs, the shards hold "
+                                  f"{count:,}: a shard was removed or replaced")
 
 
 def _shard_rows(files: list[str]) -> Iterator[dict]:
