@@ -169,7 +169,7 @@ class EvalSetConfig:
     """One evaluation set. `path` may name environment variables (${DATAPATH}), as Chinese-CLIP's scripts do."""
     name: str = ""  # how results, logs (eval/<name>/<metric>) and eval.best_metric refer to it
     task: Literal["retrieval", "classification"] = "retrieval"
-    # retrieval: a directory in Chinese-CLIP's layout or our shards (a directory, .parquet file or glob);
+    # retrieval: a directory in Chinese-CLIP's layout or our shards (a directory, .parquet file, glob or URL);
     # classification: an image folder with one sub-folder per class
     path: str = ""
     split: str = "valid"  # Chinese-CLIP's layout: {split}_imgs.tsv + {split}_texts.jsonl

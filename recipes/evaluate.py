@@ -46,7 +46,8 @@ from chinese_clip.tokenizer import load_tokenizer
 def flag_sets(args: argparse.Namespace) -> list[EvalSetConfig]:
     sets = []
     for entry in args.retrieval:
-        path, _, split = entry.rpartition(":") if ":" in entry else (entry, "", "")
+        head, _, tail = entry.rpartition(":")
+        path, split = (head, tail) if head and "/" not in tail else (entry, "")  # s3://... is a path, not a split
         name = Path(path).name if is_shard_path(path) else f"{Path(path).name}/{split or 'valid'}"
         sets.append(EvalSetConfig(name=name, task="retrieval", path=path, split=split or "valid"))
     for entry in args.classification:

@@ -1,6 +1,7 @@
 """Data on object storage: an S3-compatible server (moto, in server mode) started on 127.0.0.1, the
-credentials and endpoint where AWS's own tools look for them (environment variables), and training
-and build_shards reading shards and webdataset tars from it as streams."""
+credentials and endpoint where AWS's own tools look for them (environment variables), and training,
+build_shards and evaluation reading shards and webdataset tars from it as streams."""
+import json
 import shutil
 import subprocess
 import sys
@@ -10,8 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from chinese_clip.checkpoints import save_pretrained
+from chinese_clip.config import Config, EvalSetConfig
 from chinese_clip.data.readers import read_pairs
-from tests.conftest import PRETRAIN, command, error_lines, free_port, metrics, on_shards, run, write_shards, write_tars
+from chinese_clip.evaluation.tasks import read_set
+from chinese_clip.model import ChineseCLIP
+from tests.conftest import EVALUATE, PRETRAIN, TINY, command, error_lines, free_port, metrics, on_shards, run, write_shards, write_tars
 
 SECRET = "not-a-real-secret-key-7f3a"
 
@@ -76,3 +81,18 @@ def test_build_shards_reads_tars_from_s3(s3):
     pairs = list(read_pairs("s3://data/tars/0000[01].tar"))
     assert len(pairs) == 32 and not any(p.problem for p in pairs)
     assert pairs[0].key == "00000.tar/000000000"
+
+
+def test_an_evaluation_set_of_shards_on_s3_is_read_like_a_local_one(s3, tmp_path):
+    remote = read_set(EvalSetConfig(name="s3", path="s3://data/shards"))
+    local = read_set(EvalSetConfig(name="local", path=str(write_shards(tmp_path / "shards", 64, 16, image_size=32))))
+    assert remote == local and len(remote.texts) > 32
+
+
+def test_the_evaluation_recipe_scores_a_set_on_s3(s3, tmp_path):
+    save_pretrained(ChineseCLIP(TINY).state_dict(), Config(model=TINY), tmp_path / "model")
+    result = run(command(EVALUATE, "--model", str(tmp_path / "model"), "--retrieval", "s3://data/shards",
+                         "--out", str(tmp_path / "out"), "--batch-size", "16"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    scores = json.loads((tmp_path / "out" / "results.json").read_text())["results"]["shards"]
+    assert scores["images"] == 64 and SECRET not in result.stdout + result.stderr

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import torch
 
 from chinese_clip.data.collate import ImageTextCollator
+from chinese_clip.data.storage import is_remote, open_binary
 from chinese_clip.data.stream import image_id, shard_files
 from chinese_clip.data.transforms import UnusableSample, decode
 from chinese_clip.evaluation.features import encode_sharded, encode_texts
@@ -79,9 +80,10 @@ def read_retrieval_set(directory: str | Path, split: str) -> RetrievalSet:
 
 
 def is_shard_path(path: str | Path) -> bool:
-    """Our shards (a .parquet file, a glob, a directory of them) rather than Chinese-CLIP's layout."""
+    """Our shards (a .parquet file, a glob, a directory of them, a URL) rather than Chinese-CLIP's layout."""
     path = str(path)
-    return path.endswith(".parquet") or any(c in path for c in "*?[") or any(Path(path).glob("*.parquet"))
+    return (is_remote(path) or path.endswith(".parquet") or any(c in path for c in "*?[")
+            or any(Path(path).glob("*.parquet")))
 
 
 def read_shard_retrieval_set(path: str | Path) -> RetrievalSet:
@@ -95,8 +97,9 @@ def read_shard_retrieval_set(path: str | Path) -> RetrievalSet:
     text_ids, texts, matches = [], [], []
     for file in shard_files(str(path), what="shards"):
         try:
-            batches = pq.ParquetFile(file).iter_batches(columns=["id", "caption", "image"])
-            rows = (row for batch in batches for row in batch.to_pylist())
+            with open_binary(file) as stream:
+                batches = pq.ParquetFile(stream).iter_batches(columns=["id", "caption", "image"])
+                rows = [row for batch in batches for row in batch.to_pylist()]
             for row in rows:
                 image = image_index.setdefault(image_id(row["image"]), len(image_index))
                 if image == len(images):
