@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from chinese_clip.data.readers import read_cn_clip_tsv
+from chinese_clip.data.readers import read_pairs
 from chinese_clip.data.shards import build_shards
 from tests.conftest import (CONFIGS, EVALUATE, PRETRAIN, assert_same_results, command, final_weights, metrics, run_ok,
                             write_class_folder, write_retrieval_set)
@@ -21,7 +21,7 @@ STEPS = ["train.steps=12", "checkpoint.every_steps=6", "eval.every_steps=6", "ev
 def eval_sets(root) -> str:
     muge = write_retrieval_set(root / "MUGE", images=12, texts=16)
     shards = root / "shards"
-    build_shards(read_cn_clip_tsv(muge, "valid"), shards, rows_per_shard=8)
+    build_shards(read_pairs(muge, "valid"), shards, rows_per_shard=8)
     folder = write_class_folder(root / "shapes", per_class=(2,) * 24)
     templates = root / "templates.txt"  # two prompts per class, not Chinese-CLIP's 183: this tests the plumbing
     templates.write_text("一张{}的图片\n{}\n", encoding="utf-8")

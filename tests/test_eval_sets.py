@@ -12,7 +12,7 @@ import torch
 from chinese_clip.checkpoints import save_pretrained
 from chinese_clip.config import Config, ConfigError, EvalSetConfig, load_config
 from chinese_clip.data.images import encode_jpeg
-from chinese_clip.data.readers import read_cn_clip_tsv
+from chinese_clip.data.readers import read_pairs
 from chinese_clip.data.shards import SCHEMA, build_shards
 from chinese_clip.data.synthetic import SyntheticShapes
 from chinese_clip.evaluation.classification import digest, read_labelled_folder
@@ -132,7 +132,7 @@ def write_datapath(root: Path) -> Path:
 def test_the_suite_runs_every_set_into_one_table_beside_chinese_clips_numbers(tmp_path):
     datapath = write_datapath(tmp_path / "data")
     shards = tmp_path / "shards"
-    build_shards(read_cn_clip_tsv(datapath / "datasets" / "MUGE", "valid"), shards, rows_per_shard=4)
+    build_shards(read_pairs(datapath / "datasets" / "MUGE", "valid"), shards, rows_per_shard=4)
     torch.manual_seed(0)
     save_pretrained(ChineseCLIP(TINY).state_dict(), Config(model=TINY), tmp_path / "model")
     suite = command(EVALUATE, "--model", str(tmp_path / "model"), "--config", str(SUITE), "--retrieval", str(shards),
