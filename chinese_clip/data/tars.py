@@ -32,7 +32,8 @@ def tar_samples(url: str) -> Iterator[Sample]:
     waiting: dict[str, dict[str, bytes]] = {}  # incomplete samples by key
     key, files = None, {}
 
-    def finish() -> Iterator[Sample]:
+    def finish(key: str, files: dict[str, bytes]) -> Iterator[Sample]:
+        """A run of adjacent members ended: its sample goes out if whole now, else waits for the rest."""
         merged = {**waiting.pop(key, {}), **files}
         if _whole(merged):
             yield key, *caption_and_image(key, merged)
@@ -47,21 +48,21 @@ def tar_samples(url: str) -> Iterator[Sample]:
                     continue
                 if member_key != key:
                     if key is not None:
-                        yield from finish()
+                        yield from finish(key, files)
                     key, files = member_key, {}
                 files[extension.lower()] = member["data"]
         except (tarfile.TarError, EOFError, OSError, ValueError) as e:
             reason = f"tar cut short or corrupt after {key}: {str(e).split(' @ ')[0]}"  # webdataset appends a repr
             if key is not None and _whole({**waiting.get(key, {}), **files}):
-                yield from finish()
+                yield from finish(key, files)
                 key, files = f"{key}+", {}  # what came after the last whole member
             waiting.pop(key, None)
             yield key or "(start)", None, None, reason
         else:
             if key is not None:
-                yield from finish()
-    for key, files in waiting.items():
-        yield key, *caption_and_image(key, files)
+                yield from finish(key, files)
+    for incomplete, parts in waiting.items():
+        yield incomplete, *caption_and_image(incomplete, parts)
 
 
 def _whole(files: dict[str, bytes]) -> bool:
