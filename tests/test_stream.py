@@ -231,3 +231,6 @@ def test_webdataset_tars_stream_like_shards_filtered_by_build_shards_rules_and_r
     lines = log.read_text().splitlines()
     filtered = sum("no Chinese" in line for line in lines)
     assert batches.counts == {"read": len(trained) + len(lines), "skipped": len(lines) - filtered, "filtered": filtered}
+    # the skipped ones are bad samples and count towards the limit; the filtered one does not
+    with pytest.raises(DataError, match=r"2 of the \d+ samples .* data.max_bad_fraction=0.05 .*: no caption .* Tars hold"):
+        take(loader(data_cfg(tars, num_workers=1, bad_check_after=29, max_bad_fraction=0.05)), 8)

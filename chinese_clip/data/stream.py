@@ -251,7 +251,8 @@ class ShardStream(IterableDataset):
                     if isinstance(e, FilteredSample):
                         continue
                     if state["read"] >= self.bad_check_after and state["skipped"] > self.max_bad_fraction * state["read"]:
-                        yield None, {"worker": worker, "error": self._too_many_bad(worker, state, skips[-1])}
+                        yield None, {"worker": worker, "error": self._too_many_bad(worker, state, skips[-1],
+                                                                                     self.sources[source].kind)}
                         return
                     continue
                 samples.append(sample)
@@ -293,11 +294,13 @@ class ShardStream(IterableDataset):
             pixels = self.transform(pixels)
         return {"image": pixels, "text": caption, "image_id": image_id(row["image"])}
 
-    def _too_many_bad(self, worker: int, state: dict, last: dict) -> str:
+    def _too_many_bad(self, worker: int, state: dict, last: dict, kind: str) -> str:
+        advice = ("Shards from build_shards hold only images it decoded: check the storage, or rebuild them"
+                  if kind == "parquet" else "Tars hold what the crawl fetched: if this share is expected, raise "
+                  "data.max_bad_fraction; data_tools/build_shards.py turns them into clean shards")
         return (f"{state['skipped']:,} of the {state['read']:,} samples that dataloader worker {worker} of rank "
                 f"{self.rank} read could not be used, more than data.max_bad_fraction={self.max_bad_fraction:g} "
-                f"(last: {last['id']} in {last['source']}: {last['reason']}). Shards from build_shards hold only "
-                "images it decoded: check the storage, or rebuild them")
+                f"(last: {last['id']} in {last['source']}: {last['reason']}). {advice}")
 
 
 class ShardBatches:
