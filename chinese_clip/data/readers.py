@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from chinese_clip.data.storage import is_remote, list_files, open_binary
+from chinese_clip.data.storage import file_name, is_remote, list_files, open_binary
 from chinese_clip.data.tars import tar_samples
 
 CAPTION_COLUMNS = ("text", "caption")
@@ -221,7 +221,7 @@ def read_image_folder(directory: Path, part: Part) -> Iterator[RawPair]:
 
 def read_tars(urls: list[str]) -> Iterator[RawPair]:
     for url in urls:
-        name = url.rstrip("/").rsplit("/", 1)[-1]
+        name = file_name(url)
         for key, caption, image, problem in tar_samples(url):
             yield RawPair(f"{name}/{key}", caption, image, problem)
 
@@ -230,7 +230,7 @@ def read_parquet(urls: list[str]) -> Iterator[RawPair]:
     import pyarrow.parquet as pq
 
     for url in urls:
-        name = url.rstrip("/").rsplit("/", 1)[-1]
+        name = file_name(url)
         with open_binary(url) as stream:
             yield from _parquet_pairs(name, pq.ParquetFile(stream))
 

@@ -24,6 +24,11 @@ def is_remote(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
+def file_name(path: str) -> str:
+    """The last component of a local path or a URL."""
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
 def open_binary(path: str) -> IO[bytes]:
     """A file object reading `path` as a stream (remote files in blocks, as they are read)."""
     return fsspec.open(path, "rb").open()

@@ -44,7 +44,7 @@ from chinese_clip.config import ConfigError, DataConfig
 from chinese_clip.data.captions import caption_problem, normalise_caption
 from chinese_clip.data.images import size_problem
 from chinese_clip.data.shards import PART_NAME
-from chinese_clip.data.storage import full_path, list_files, open_binary
+from chinese_clip.data.storage import file_name, full_path, list_files, open_binary
 from chinese_clip.data.tars import tar_samples
 from chinese_clip.data.transforms import UnusableSample, build_transform, decode, seeded
 
@@ -110,12 +110,12 @@ def shard_files(path: str, what: str = "data.shards") -> list[str]:
     or webdataset tars, named by a directory (one that build_shards --part wrote in parts too), a
     file, a glob or a brace list, local or an fsspec URL; errors begin with `what`."""
     fs, inner = fsspec.core.url_to_fs(path)
-    if fs.isdir(inner) and (parts := sorted(p for p in fs.ls(inner, detail=False) if PART_NAME.fullmatch(_name(p)))):
+    if fs.isdir(inner) and (parts := sorted(p for p in fs.ls(inner, detail=False) if PART_NAME.fullmatch(file_name(p)))):
         return [file for part in _finished_parts(path, fs, parts, what) for file in shard_files(part, what)]
     files = list_files(path, (".parquet", ".tar"), what)
     if len({f.lower().endswith(".tar") for f in files}) > 1:
         raise ConfigError(f"{what}: {path} holds both .tar and .parquet files; give each kind as its own source")
-    numbered = [f for f in files if _SHARD_NAME.fullmatch(_name(f))]
+    numbered = [f for f in files if _SHARD_NAME.fullmatch(file_name(f))]
     if numbered and fs.isdir(inner):
         _check_build(path, fs, inner, numbered, what)
         return numbered
@@ -124,30 +124,26 @@ def shard_files(path: str, what: str = "data.shards") -> list[str]:
 
 def _check_build(path: str, fs, inner: str, files: list[str], what: str) -> None:
     """A directory that build_shards wrote: no numbered shard missing, and the build finished."""
-    numbers = {int(_SHARD_NAME.fullmatch(_name(f)).group(1)) for f in files}
+    numbers = {int(_SHARD_NAME.fullmatch(file_name(f)).group(1)) for f in files}
     missing = sorted(set(range(max(numbers) + 1)) - numbers)
     if missing:
         raise ConfigError(f"{what}: {path} is missing shard-{missing[0]:05d}.parquet"
                           + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
     if unfinished := sorted(fs.glob(f"{inner}/shard-*.parquet.partial")):
-        raise ConfigError(f"{what}: {path}: build_shards did not finish ({_name(unfinished[0])}); run it again to "
+        raise ConfigError(f"{what}: {path}: build_shards did not finish ({file_name(unfinished[0])}); run it again to "
                           "complete the build")
 
 
 def _finished_parts(path: str, fs, parts: list[str], what: str) -> list[str]:
     """The part directories of a split build, each present and finished (its summary written)."""
-    count = int(PART_NAME.fullmatch(_name(parts[0])).group(2))
-    present = {int(PART_NAME.fullmatch(_name(p)).group(1)) for p in parts}
+    count = int(PART_NAME.fullmatch(file_name(parts[0])).group(2))
+    present = {int(PART_NAME.fullmatch(file_name(p)).group(1)) for p in parts}
     if missing := sorted(set(range(count)) - present):
         raise ConfigError(f"{what}: {path}: part {missing[0]}/{count} of the build is missing; run build_shards "
                           f"--part {missing[0]}/{count}, then build_shards --check {path}")
     if unfinished := [p for p in parts if not fs.isfile(f"{p}/summary.json")]:
-        raise ConfigError(f"{what}: {path}: build_shards did not finish {_name(unfinished[0])}; run that part again")
+        raise ConfigError(f"{what}: {path}: build_shards did not finish {file_name(unfinished[0])}; run that part again")
     return [full_path(fs, p, path) for p in parts]
-
-
-def _name(file: str) -> str:
-    return file.rstrip("/").rsplit("/", 1)[-1]
 
 
 def _rows_in_shard(file: str) -> int:
@@ -192,7 +188,7 @@ def _shard_rows(files: list[str]) -> Iterator[dict]:
 def _tar_rows(files: list[str]) -> Iterator[dict]:
     for file in files:
         for key, caption, image, problem in tar_samples(file):
-            yield {"id": f"{_name(file)}/{key}", "caption": caption, "image": image, "problem": problem}
+            yield {"id": f"{file_name(file)}/{key}", "caption": caption, "image": image, "problem": problem}
 
 
 def image_id(data: bytes) -> int:
