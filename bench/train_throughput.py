@@ -1,6 +1,7 @@
 """Training throughput of a preset on this device: samples/s, step time, peak memory, and on GPUs MFU.
 
     python bench/train_throughput.py --config recipes/configs/vit_b16_roberta_base.yaml --batch-size 8
+    python bench/train_throughput.py train.compile=true    # compiled blocks; first_step_s is the compile
 
 One process, synthetic tensors (no data loading), the product's own step (bench/trainer_step.py):
 the model's forward in the run's precision, the configured loss, backward and the AdamW step.
@@ -41,6 +42,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU if not in the table")
+    parser.add_argument("--out", help="also write the figures as JSON")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
 
@@ -59,6 +61,9 @@ def main() -> None:
             fn()
         return counter.get_total_flops()
 
+    start = time.perf_counter()
+    step()  # with train.compile=true, compiles the blocks
+    first_step = time.perf_counter() - start
     with torch.no_grad(), trainer.accelerator.autocast():
         forward_flops = {"vision": count_flops(lambda: model.encode_image(micro_batch["pixel_values"])),
                          "text": count_flops(lambda: model.encode_text(micro_batch["input_ids"],
@@ -82,6 +87,9 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "precision": "fp32" if precision == "no" else precision,
         "batch": batch,
+        "compile": cfg.train.compile,
+        "mask_ratio": trainer.stage.cfg.mask_ratio,
+        "first_step_s": round(first_step, 2),
         "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
         "step_time_s": round(step_time, 4),
         "samples_per_s": round(batch / step_time, 1),
@@ -97,6 +105,8 @@ def main() -> None:
     if peak:
         result["mfu"] = round(train_flops / step_time / (peak * 1e12), 4)
     print(json.dumps(result, indent=2, ensure_ascii=False))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2, ensure_ascii=False))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -83,6 +83,10 @@ class DataConfig:
     shards: list[ShardSourceConfig] = field(default_factory=list)  # source=shards: where the pairs are
     batch_size: int = 128  # per device; the global batch is batch_size x processes
     num_workers: int = 1
+    # The GPU input path: pinned host memory (with non-blocking copies), and batches each worker
+    # prepares ahead; auto: pinned on CUDA, and 4 batches ahead there (torch's 2 on CPU)
+    pin_memory: Literal["auto", True, False] = "auto"
+    prefetch_factor: Union[Literal["auto"], int] = "auto"
     # Samples each dataloader worker mixes before batching; it holds their encoded images in memory.
     shuffle_buffer: int = 2000
     # Pretraining crops at random (scale is the crop's share of the image's area); "resize" squashes
@@ -123,6 +127,8 @@ class OptimConfig:
     schedule: Literal["cosine", "linear", "constant"] = "cosine"  # after the warmup
     min_lr_ratio: float = 0.0  # cosine and linear decay to lr x this
     grad_clip: float = 1.0  # max global grad norm; 0 disables
+    # torch's fused AdamW kernel (one launch for all parameters; every engine, ZeRO included); auto: on CUDA
+    fused: Literal["auto", True, False] = "auto"
     # Fine-tuning: weight decay pulls towards the weights each optimizer starts from (the pretrained
     # ones, for a stage that starts from them) instead of towards zero.
     decay_to_start: bool = False
@@ -158,10 +164,18 @@ class TrainConfig:
     steps: Optional[int] = None  # a run without `stages` is one stage of this many steps (default 1000)
     seed: int = 0
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on GPUs that have it
+    # TF32 for fp32 matmuls and convolutions (what runs outside autocast); auto: on Ampere and newer GPUs
+    tf32: Literal["auto", True, False] = "auto"
     log_every: int = 10
     # Gradient cache: one optimizer step over accum_freq micro-batches of data.batch_size, every
     # sample a negative for every other, at the activation memory of one micro-batch.
     accum_freq: int = 1
+    # torch threads per process; None: cores / processes on the machine, unless OMP_NUM_THREADS was set
+    # for the launch (`accelerate launch` and torchrun would otherwise start every process with one)
+    cpu_threads: Optional[int] = None
+    # torch.compile each transformer block (inductor): faster steps after a compile of about half a
+    # minute on a CPU at the start (and a shorter one when a stage changes the batch or mask ratio)
+    compile: bool = False
 
 
 @dataclass
@@ -189,6 +203,8 @@ class EvalConfig:
     every_steps: int = 0  # also every this many optimizer steps; 0: never
     at_stage_end: bool = False  # also when each stage but the last ends (the last is at_end)
     batch_size: int = 256
+    num_workers: int = 2  # DataLoader workers per process decoding the sets' images
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # encoding under autocast; auto: bf16 on GPUs that have it
     sets: list[EvalSetConfig] = field(default_factory=list)  # besides the synthetic held-out splits on synthetic data
     # "<set name>/<metric>" (e.g. MUGE/mean_recall): the weights that score highest on it are kept in
     # <run>/best/; None keeps none
@@ -265,8 +281,10 @@ def _check(cfg: Config) -> Config:
     """Ranges and combinations that the types alone cannot express."""
     positive = {"train.accum_freq": cfg.train.accum_freq, "data.batch_size": cfg.data.batch_size,
                 "loss.chunk_size": 1 if cfg.loss.chunk_size is None else cfg.loss.chunk_size}
-    if cfg.train.steps is not None:
-        positive["train.steps"] = cfg.train.steps
+    for key, value in (("train.steps", cfg.train.steps), ("train.cpu_threads", cfg.train.cpu_threads),
+                       ("data.prefetch_factor", cfg.data.prefetch_factor)):
+        if value not in (None, "auto"):
+            positive[key] = value
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}")
@@ -405,6 +423,10 @@ def _build(cls: type, raw: Any, prefix: str):
     return cls(**kwargs)
 
 
+def _yaml_repr(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else repr(value)
+
+
 def _coerce(value: Any, tp: Any, key: str):
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
@@ -413,10 +435,17 @@ def _coerce(value: Any, tp: Any, key: str):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
+        for option in inner[:-1]:  # the first that takes the value; the last one's error otherwise
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                pass
+        return _coerce(value, inner[-1], key)
     if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: expected one of {', '.join(map(repr, args))}, got {value!r}")
+        if isinstance(value, bool) and not any(isinstance(option, bool) for option in args):
+            value = "yes" if value else "no"  # YAML 1.1 reads an unquoted no (train.mixed_precision=no) as false
+        if not any(value == option and type(value) is type(option) for option in args):  # 1 is not True
+            raise ConfigError(f"{key}: expected one of {', '.join(map(_yaml_repr, args))}, got {_yaml_repr(value)}")
         return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):

@@ -16,7 +16,8 @@ from chinese_clip.evaluation.synthetic import SYNTHETIC_SETS, synthetic_evaluato
 from chinese_clip.evaluation.tasks import check_sets, sets_evaluator
 from chinese_clip.model import ChineseCLIP
 from chinese_clip.run_dir import RunDir, RunDirError
-from chinese_clip.runtime import build_accelerator, exit_with_launcher, run_dir_of
+from chinese_clip.runtime import (build_accelerator, exit_with_launcher, run_dir_of, set_cpu_threads,
+                                   speed_summary)
 from chinese_clip.tokenizer import load_tokenizer
 from chinese_clip.trainer import Trainer
 
@@ -28,6 +29,7 @@ def train(config: str, overrides: list[str]) -> dict:
     # 1. Configuration and runtime: every user error surfaces here, before anything is built.
     try:
         cfg = load_config(config, overrides)
+        threads = set_cpu_threads(cfg.train.cpu_threads)
         accelerator = build_accelerator(cfg.train, run_dir_of(cfg.run))
         # DDP, DeepSpeed ZeRO or FSDP, as launched; its settings are checked against the config now.
         engine = build_engine(accelerator, cfg)
@@ -64,7 +66,7 @@ def train(config: str, overrides: list[str]) -> dict:
                                   skip_log=run_dir.skipped_log(rank))
 
     configured = sets_evaluator(cfg.eval.sets, build_collator(cfg.data, tokenizer), accelerator.device,
-                                cfg.eval.batch_size)
+                                cfg.eval.batch_size, cfg.eval.num_workers)
     synthetic = (synthetic_evaluator(cfg.data, image_size, tokenizer, accelerator.device, cfg.eval.batch_size)
                  if cfg.data.source == "synthetic" else None)
 
@@ -73,7 +75,8 @@ def train(config: str, overrides: list[str]) -> dict:
 
     # 4. Train stage by stage (resuming from the newest checkpoint if there is one), evaluate as
     #    configured, save (the tokenizer beside the weights: model/ and best/ are self-contained).
-    accelerator.print(f"run directory: {run_dir.path}  processes: {accelerator.num_processes}  engine: {engine.name}")
+    accelerator.print(f"run directory: {run_dir.path}  processes: {accelerator.num_processes}  engine: {engine.name}  {threads}")
+    accelerator.print(f"speed settings: {speed_summary(cfg)}")
     try:
         trainer = Trainer(cfg, accelerator, engine, run_dir, lambda: ChineseCLIP(cfg.model), make_loader, evaluate,
                           init_weights=init_weights, tokenizer=tokenizer)

@@ -92,6 +92,14 @@ class ChineseCLIP(nn.Module):
         else:
             self.text.activation_checkpointing_disable()
 
+    def compile_blocks(self) -> None:
+        """torch.compile every transformer block in place (names and parameters unchanged). Per block, not
+        the whole model: the blocks of a tower share one compiled graph, so compiling costs one block
+        per tower; FLIP's patch masking and the engines' hooks stay outside the compiled code; and a
+        stage that changes the token count or batch recompiles once (the shape then becomes dynamic)."""
+        for block in self.blocks():
+            block.compile()
+
     def blocks(self) -> list[nn.Module]:
         """The transformer blocks of both towers: the units FSDP shards and gathers one at a time."""
         return [*self.visual.blocks, *self.text.encoder.layer]

@@ -21,6 +21,7 @@ from chinese_clip.losses import ContrastiveObjective
 from chinese_clip.model import ChineseCLIP
 from chinese_clip.optim import lr_at, set_lr, set_weight_decay
 from chinese_clip.run_dir import RunDir, read_trainer_state
+from chinese_clip.runtime import eval_autocast
 from chinese_clip.stages import Stage, freeze, plan_stages, stage_lr_scales, summary, tower_counts
 from chinese_clip.tokenizer import ChineseTokenizer
 
@@ -98,7 +99,8 @@ class Trainer:
             stage = self.stage
             lr = lr_at(self.step - stage.start_step, stage.steps, stage.cfg)
             set_lr(self.engine.optimizer, lr)
-            micro_batches = [{k: v.to(acc.device) for k, v in next(self.batches).items()}
+            # from pinned memory (data.pin_memory) the copy overlaps the previous step's GPU work
+            micro_batches = [{k: v.to(acc.device, non_blocking=True) for k, v in next(self.batches).items()}
                              for _ in range(cfg.train.accum_freq)]
             parts, logit_scale, grad_norm = self.train_step(micro_batches)
             self.step += 1
@@ -200,6 +202,8 @@ class Trainer:
             self.engine.release()
             model = self.new_model()
             model.load_state_dict(weights)
+            if self.cfg.train.compile:
+                model.compile_blocks()
             self.lr_scales = freeze(model, scales)
             self.engine.prepare(model, self.lr_scales, stage)
         self.engine.module.set_mask_ratio(stage.cfg.mask_ratio)
@@ -290,10 +294,10 @@ class Trainer:
                     or (cfg.at_stage_end and self.step == stage.end_step))
 
     def evaluate(self, tag: str) -> dict:
-        """Every rank together, in the run's mixed precision as recipes/evaluate.py. The RNG is left as
+        """Every rank together, in eval.mixed_precision as recipes/evaluate.py. The RNG is left as
         it was: evaluating does not change what trains."""
         devices = [self.accelerator.device] if self.accelerator.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), self.accelerator.autocast():
+        with torch.random.fork_rng(devices=devices), eval_autocast(self.cfg.eval, self.accelerator.device):
             results = self.evaluate_fn(self.engine.module)
         scalars = {name: scalar_metrics(result) for name, result in results.items()}
         self.log({f"eval/{name}/{metric}": value for name, metrics in scalars.items()

@@ -39,7 +39,7 @@ from chinese_clip.config import Config, ConfigError, EvalSetConfig, TrainConfig,
 from chinese_clip.data.loaders import build_collator
 from chinese_clip.evaluation.retrieval_set import is_shard_path
 from chinese_clip.evaluation.tasks import check_sets, evaluate_set, markdown_table
-from chinese_clip.runtime import build_accelerator
+from chinese_clip.runtime import build_accelerator, eval_autocast
 from chinese_clip.tokenizer import load_tokenizer
 
 
@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--context-length", type=int,
                         help="text tokens (default: --config's data.context_length, else Chinese-CLIP's 52)")
     parser.add_argument("--save-features", action="store_true")
+    parser.add_argument("--num-workers", type=int, help="DataLoader workers decoding images (default: eval.num_workers, 2)")
     args = parser.parse_args(argv)
     if args.overrides and not args.config:
         parser.error("key=value overrides apply to --config")
@@ -93,8 +94,9 @@ def main(argv: list[str] | None = None) -> dict:
     for entry in sets:
         features = args.out / "features" / entry.name if args.save_features else None
         try:
-            with torch.no_grad(), accelerator.autocast():
-                results[entry.name] = evaluate_set(model, entry, collator, accelerator.device, args.batch_size, features)
+            with torch.no_grad(), eval_autocast(cfg.eval, accelerator.device):
+                results[entry.name] = evaluate_set(model, entry, collator, accelerator.device, args.batch_size, features,
+                                                   args.num_workers if args.num_workers is not None else cfg.eval.num_workers)
         except (FileNotFoundError, ValueError) as e:  # an image that does not decode shows only now
             sys.exit(f"error: {entry.name}: {e}")
         if results[entry.name].get("empty_classes"):

@@ -31,8 +31,17 @@ from chinese_clip.data.images import encode_jpeg
 from chinese_clip.data.readers import RawPair
 from chinese_clip.data.shards import build_shards
 from chinese_clip.data.synthetic import SyntheticShapes, class_name
+from chinese_clip.runtime import available_cores
 
 ROOT = Path(__file__).resolve().parents[1]
+# pytest-xdist runs test files side by side: each test process, and every command it launches (they
+# inherit OMP_NUM_THREADS as the user's choice), takes its share of the cores, as train.cpu_threads
+# shares them among a launch's ranks. More threads than cores stall OpenMP's barriers: the default
+# run took 12 minutes instead of 3 beside another test file.
+TEST_THREADS = max(1, available_cores() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ or "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(TEST_THREADS)
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 CONFIGS = ROOT / "recipes" / "configs"
 PRETRAIN, FINETUNE, EVALUATE, EXPORT = (str(ROOT / "recipes" / f"{name}.py")
                                         for name in ("pretrain", "finetune", "evaluate", "export"))

@@ -1,6 +1,7 @@
 """The launch's engine takes what the run config owns; contradictions, launches that would not shard
 and split-brain launches stop the run with one line."""
 import json
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -10,7 +11,7 @@ from accelerate.utils import DistributedType
 from chinese_clip.config import ConfigError, load_config
 from chinese_clip.engine.fsdp import FullyShard
 from chinese_clip.engine.zero import configure
-from chinese_clip.runtime import check_world_size, launched_engine
+from chinese_clip.runtime import check_world_size, eval_autocast, launched_engine, speed_summary
 from tests.conftest import ROOT
 
 
@@ -79,3 +80,39 @@ def test_processes_that_train_apart_are_refused(monkeypatch):
     check_world_size(SimpleNamespace(num_processes=2, distributed_type=DistributedType.MULTI_CPU))
     monkeypatch.delenv("WORLD_SIZE")
     check_world_size(SimpleNamespace(num_processes=1, distributed_type=DistributedType.NO))
+
+
+@pytest.mark.parametrize("gpu, expected", [
+    (None, "fused AdamW off, TF32 off, pinned memory off, prefetch 2 batches per worker, evaluation fp32"),
+    ((8, 0), "fused AdamW on, TF32 on, pinned memory on, prefetch 4 batches per worker, evaluation bf16"),
+    ((7, 0), "fused AdamW on, TF32 off, pinned memory on, prefetch 4 batches per worker, evaluation fp32"),
+])
+def test_speed_settings_resolve_auto_for_the_machine(gpu, expected, monkeypatch):
+    """`auto`: the GPU input path and kernels on CUDA (TF32 and bf16 from Ampere, compute capability 8)."""
+    if gpu is not None:
+        monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+        monkeypatch.setattr("torch.cuda.get_device_capability", lambda *_: gpu)
+        monkeypatch.setattr("torch.cuda.is_bf16_supported", lambda *_: gpu >= (8, 0))
+    assert speed_summary(load_config(None)) == expected
+    chosen = load_config(None, ["optim.fused=false", "train.tf32=false", "data.pin_memory=false",
+                                "data.prefetch_factor=3", "eval.mixed_precision=no"])
+    assert speed_summary(chosen) == ("fused AdamW off, TF32 off, pinned memory off, prefetch 3 batches per worker, "
+                                     "evaluation fp32")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.fused=1", "optim.fused: expected one of 'auto', true, false, got 1"),
+    ("data.prefetch_factor=0", "data.prefetch_factor must be at least 1, got 0"),
+    ("train.cpu_threads=0", "train.cpu_threads must be at least 1, got 0"),
+])
+def test_speed_settings_refuse_bad_values(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [override])
+
+
+def test_evaluation_autocast_follows_eval_mixed_precision():
+    x = torch.randn(4, 4)
+    with eval_autocast(load_config(None, ["eval.mixed_precision=bf16"]).eval, torch.device("cpu")):
+        assert (x @ x).dtype == torch.bfloat16
+    with eval_autocast(load_config(None).eval, torch.device("cpu")):  # auto, without a GPU
+        assert (x @ x).dtype == torch.float32

@@ -1,15 +1,23 @@
 """End-to-end runs of recipes/pretrain.py: one process, and 2 CPU processes (gloo) under every engine."""
 import json
+import os
+import sys
 
 import pytest
 import torch
 
+from chinese_clip.runtime import available_cores
 from tests.conftest import (PRETRAIN, assert_same_weights, command, error_lines, final_weights, losses, metrics,
                             run, run_ok)
 
 # A few steps of the tiny model; warmup short enough that the lr is not ~0 on the compared steps.
 SHORT = ["train.steps=6", "train.log_every=1", "optim.warmup_steps=2", "data.num_workers=0",
          "data.synthetic.val_size=48", "eval.at_start=false", "eval.batch_size=16"]
+
+
+def launch_one_process(script: str, *args: str) -> list[str]:
+    """`accelerate launch script args` as a user types it: no flags, no Accelerate config."""
+    return [sys.executable, "-m", "accelerate.commands.launch", script, *args]
 
 
 def pretrain(run_dir, overrides, engine=None) -> list[str]:
@@ -39,12 +47,18 @@ def test_a_run_leaves_everything_a_user_needs(single_process_run):
 FSDP_OPTIONS = ["--use_fsdp", "--fsdp_version", "2", "--fsdp_offload_params", "true",
                 "--fsdp_reshard_after_forward", "false"]
 TWO_RANKS = {  # launch, and the per-rank micro-batch, gradient cache and options that make the global batch 32
-    # DDP and ZeRO-3 reproduce one process through a staged run (tests/test_staged.py)
-    "zero2": ("zero2", ["data.batch_size=16"]),
-    "fsdp": ("fsdp", ["data.batch_size=16"]),
-    # FSDP's options that change where values live and when they are computed, not what they are
-    "fsdp: gradient cache, offload, no reshard, activation checkpointing":
-        (FSDP_OPTIONS, ["data.batch_size=8", "train.accum_freq=2", "model.grad_checkpointing=true"]),
+    # DDP and ZeRO-3 reproduce one process through a staged run (tests/test_staged.py); torch's fused
+    # AdamW (optim.fused, on by default on GPUs) steps ZeRO's fp32 partitions and FSDP's sharded parameters
+    "zero2: fused AdamW": ("zero2", ["data.batch_size=16", "optim.fused=true"]),
+    "fsdp: fused AdamW": ("fsdp", ["data.batch_size=16", "optim.fused=true"]),
+    # FSDP's options that change where values live and when they are computed, not what they are; and
+    # compiled blocks (train.compile) under FSDP and ZeRO-3, whose hooks gather parameters around them
+    "fsdp: gradient cache, offload, no reshard, activation checkpointing, compile":
+        (FSDP_OPTIONS, ["data.batch_size=8", "train.accum_freq=2", "model.grad_checkpointing=true",
+                        "train.compile=true"]),
+    "zero3: compile": ("zero3", ["data.batch_size=16", "train.compile=true"]),
+    "ddp: compile, activation checkpointing": ("ddp", ["data.batch_size=16", "train.compile=true",
+                                                       "model.grad_checkpointing=true"]),
 }
 
 
@@ -93,12 +107,28 @@ def test_a_deepspeed_config_that_contradicts_the_run_config_stops_with_one_line(
 
 @pytest.mark.slow
 def test_the_default_run_learns(tmp_path):
-    """`python recipes/pretrain.py` with no config arguments: the product's first impression."""
-    run_ok(pretrain(tmp_path, []))
+    """The README's command, `accelerate launch recipes/pretrain.py` with no config arguments: the
+    product's first impression (on this test process's share of the cores: tests/conftest.py)."""
+    run_ok(launch_one_process(PRETRAIN, f"run.output_dir={tmp_path}"))
     results = json.loads((tmp_path / "eval.json").read_text())
     chance = results["after"]["val"]["chance_top1"]
     assert results["before"]["val"]["top1"] < 2.5 * chance
     assert results["after"]["val"]["top1"] >= 50
+
+
+@pytest.mark.parametrize("omp_num_threads, expected", [
+    (None, f"{available_cores()} cpu threads per process ({available_cores()} cores / 1 local processes)"),
+    ("1", "1 cpu threads per process (OMP_NUM_THREADS)"),
+])
+def test_accelerate_launch_uses_every_core_unless_the_user_chose(tmp_path, omp_num_threads, expected):
+    """Without a choice, the README's `accelerate launch` trains on every core (Accelerate alone would
+    give it one thread); OMP_NUM_THREADS set for the launch is the user's choice and is kept."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    if omp_num_threads is not None:
+        env["OMP_NUM_THREADS"] = omp_num_threads
+    result = run_ok(launch_one_process(PRETRAIN, "train.steps=1", "eval.at_start=false", "eval.at_end=false",
+                                       f"run.output_dir={tmp_path}"), env=env)
+    assert expected in result.stdout
 
 
 @pytest.mark.slow

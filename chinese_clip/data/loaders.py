@@ -11,7 +11,16 @@ from chinese_clip.data.collate import ImageTextCollator
 from chinese_clip.data.sampler import GlobalBatchSampler
 from chinese_clip.data.stream import ShardBatches, ShardSource, ShardStream, start_states, stream_layout
 from chinese_clip.data.synthetic import SyntheticShapes
+from chinese_clip.runtime import pin_memory, prefetch_factor
 from chinese_clip.tokenizer import ChineseTokenizer
+
+
+def loader_options(cfg: DataConfig) -> dict:
+    """The DataLoader settings of the input path: workers, pinned memory, prefetch (runtime's `auto`s)."""
+    options = {"num_workers": cfg.num_workers, "pin_memory": pin_memory(cfg)}
+    if cfg.num_workers > 0:
+        options["prefetch_factor"] = prefetch_factor(cfg)
+    return options
 
 
 def build_collator(cfg: DataConfig, tokenizer: ChineseTokenizer) -> ImageTextCollator:
@@ -55,15 +64,15 @@ def build_train_loader(cfg: DataConfig, tokenizer: ChineseTokenizer, image_size:
         states, next_worker = start_states(position, layout, cfg.reset_position)
         stream = ShardStream(sources, cfg, collate, image_size, batch_size, rank=rank, world_size=world_size,
                              seed=seed, start=states)
-        return ShardBatches(stream, cfg.num_workers, layout, skip_log, next_worker)
+        return ShardBatches(stream, loader_options(cfg), layout, skip_log, next_worker)
     start_sample = (position or {}).get("sample", 0)
     dataset = SyntheticShapes("train", cfg.synthetic.train_size, image_size, seed=cfg.synthetic.seed)
     sampler = GlobalBatchSampler(len(dataset), batch_size, rank=rank, world_size=world_size,
                                  seed=seed, start_sample=start_sample)
     # Its own generator: starting to iterate must not draw from the global RNG, whose state a
     # resumed run restores from the checkpoint and must continue exactly as the uninterrupted run.
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
-                        persistent_workers=cfg.num_workers > 0, generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, persistent_workers=cfg.num_workers > 0,
+                        generator=torch.Generator().manual_seed(seed), **loader_options(cfg))
     return SyntheticBatches(loader, start_sample, batch_size * world_size, world_size)
 
 

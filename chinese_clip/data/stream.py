@@ -302,18 +302,17 @@ class ShardStream(IterableDataset):
 class ShardBatches:
     """The trainer's side of the loader: batches, and where they leave the data (`position`)."""
 
-    def __init__(self, stream: ShardStream, num_workers: int, layout: dict, skip_log: Path | None,
+    def __init__(self, stream: ShardStream, loader_options: dict, layout: dict, skip_log: Path | None,
                  next_worker: int = 0):
         self.layout, self.skip_log = layout, skip_log
         self.workers: dict[str, dict] = copy.deepcopy(stream.start)
         self.last_ids: list[str] = []
         # A new DataLoader starts with worker 0; batches that come before their turn wait here.
-        self.turns, self.next_worker = max(1, num_workers), next_worker
+        self.turns, self.next_worker = max(1, loader_options["num_workers"]), next_worker
         self.waiting: dict[int, tuple[dict, dict]] = {}
         # Its own generator: the DataLoader draws its workers' base seed, which must not come from the
         # global RNG that a resumed run restores and continues.
-        self._batches = iter(DataLoader(stream, batch_size=None, num_workers=num_workers,
-                                        pin_memory=torch.cuda.is_available(), generator=torch.Generator()))
+        self._batches = iter(DataLoader(stream, batch_size=None, generator=torch.Generator(), **loader_options))
 
     def __iter__(self):
         return self

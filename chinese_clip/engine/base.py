@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+from functools import partial
 from pathlib import Path
 from typing import ClassVar, ContextManager
 
@@ -13,6 +14,7 @@ from accelerate import Accelerator
 from chinese_clip.config import Config
 from chinese_clip.model import ChineseCLIP
 from chinese_clip.optim import build_optimizer
+from chinese_clip.runtime import fused_adamw
 from chinese_clip.stages import Stage
 
 
@@ -42,7 +44,9 @@ class Engine:
         gc.collect()
 
     def new_optimizer(self, model: ChineseCLIP, lr_scales: dict[str, float], stage: Stage,
-                      adamw=torch.optim.AdamW) -> torch.optim.Optimizer:
+                      adamw=None) -> torch.optim.Optimizer:
+        """AdamW over what trains: torch's (fused where optim.fused resolves on), or the engine's own `adamw`."""
+        adamw = adamw or partial(torch.optim.AdamW, fused=fused_adamw(self.optim_cfg) or None)
         return build_optimizer(model, self.optim_cfg, lr_scales, weight_decay=stage.cfg.weight_decay, adamw=adamw)
 
     @property

@@ -32,8 +32,7 @@ class DeepSpeedZero(Engine):
     def prepare(self, model: ChineseCLIP, lr_scales: dict[str, float], stage: Stage) -> None:
         # DeepSpeed refuses to step a plain torch optimizer on offloaded states: its CPU AdamW is the
         # same update, vectorised on the host.
-        adamw = cpu_adamw if self.offload else torch.optim.AdamW
-        optimizer = self.new_optimizer(model, lr_scales, stage, adamw)
+        optimizer = self.new_optimizer(model, lr_scales, stage, cpu_adamw if self.offload else None)
         # ZeRO fixes the micro-batch when the engine is created; each stage may have its own.
         self.ds_config["train_micro_batch_size_per_gpu"] = stage.batch_size
         self.ds_config["train_batch_size"] = stage.batch_size * self.accelerator.num_processes

@@ -18,8 +18,8 @@ import torch
 from chinese_clip.config import DataConfig
 from chinese_clip.data.collate import ImageTextCollator
 from chinese_clip.data.readers import IMAGE_SUFFIXES
-from chinese_clip.data.transforms import UnusableSample, build_transform, decode
-from chinese_clip.evaluation.features import encode_sharded
+from chinese_clip.data.transforms import build_transform
+from chinese_clip.evaluation.features import StoredImages, encode_images
 from chinese_clip.evaluation.zeroshot import class_embeddings
 from chinese_clip.model import ChineseCLIP
 
@@ -129,24 +129,17 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, class_names: Sequence[s
 @torch.no_grad()
 def evaluate_classification(model: ChineseCLIP, directory: str | Path, collator: ImageTextCollator,
                             device: torch.device, templates: Sequence[str], batch_size: int = 256,
-                            labels: str | Path | None = None) -> dict:
-    """Images get Chinese-CLIP's evaluation transform (square bicubic resize), as in retrieval."""
+                            labels: str | Path | None = None, num_workers: int = 0) -> dict:
+    """Images get Chinese-CLIP's evaluation transform (square bicubic resize), as in retrieval, decoded in
+    `num_workers` DataLoader workers."""
     data = read_labelled_folder(directory, labels)
     transform = build_transform(DataConfig(transform="resize"), model.cfg.vision.image_size)
     was_training = model.training
     model.eval()
     classifier = class_embeddings(model, collator.tokenizer, data.class_names, templates, device, batch_size)  # [C, D]
 
-    def images(indices: Sequence[int]) -> torch.Tensor:
-        pixels = []
-        for i in indices:
-            try:
-                pixels.append(transform(decode(data.files[i].read_bytes())))
-            except UnusableSample as e:
-                raise ValueError(f"{data.files[i]}: {e}") from None
-        return model.encode_image(collator.pixel_batch(pixels).to(device))
-
-    features = encode_sharded(len(data.files), images, batch_size, "images").cpu()  # [N, D]
+    images = StoredImages(data.files, [str(f) for f in data.files], transform)
+    features = encode_images(model, images, collator, device, batch_size, num_workers).cpu()  # [N, D]
     model.train(was_training)
     return {"task": "classification", "data": str(directory), "images": len(data.files),
             "classes": len(data.class_names), "empty_classes": data.empty_classes,

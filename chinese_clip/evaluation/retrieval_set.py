@@ -13,7 +13,6 @@ import binascii
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -22,8 +21,7 @@ import torch
 from chinese_clip.data.collate import ImageTextCollator
 from chinese_clip.data.storage import is_remote, open_binary
 from chinese_clip.data.stream import image_id, shard_files
-from chinese_clip.data.transforms import UnusableSample, decode
-from chinese_clip.evaluation.features import encode_sharded, encode_texts
+from chinese_clip.evaluation.features import StoredImages, encode_images, encode_sharded, encode_texts
 from chinese_clip.model import ChineseCLIP
 
 
@@ -120,25 +118,16 @@ def read_shard_retrieval_set(path: str | Path) -> RetrievalSet:
 
 
 def retrieval_features(model: ChineseCLIP, data: RetrievalSet, collator: ImageTextCollator, transform,
-                       device: torch.device, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+                       device: torch.device, batch_size: int = 256,
+                       num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(text features [T, D], image features [I, D]), L2-normalised, on the CPU. Texts go through
     Chinese-CLIP's text preprocessing and the collator's tokenizer, images through `transform` and
-    its normalisation."""
-    def images(indices: Sequence[int]) -> torch.Tensor:
-        pixels = []
-        for i in indices:
-            try:
-                pixels.append(transform(decode(data.images[i])))
-            except UnusableSample as e:
-                raise ValueError(f"image {data.image_ids[i]}: {e}") from None
-        return model.encode_image(collator.pixel_batch(pixels).to(device))
-
-    def texts(indices: Sequence[int]) -> torch.Tensor:
-        return encode_texts(model, collator.tokenizer, [data.texts[i] for i in indices], device)
-
+    its normalisation, decoded in `num_workers` DataLoader workers."""
     was_training = model.training
     model.eval()
-    text_features = encode_sharded(len(data.texts), texts, batch_size, "texts").cpu()
-    image_features = encode_sharded(len(data.images), images, batch_size, "images").cpu()
+    text_features = encode_sharded(data.texts, lambda texts: encode_texts(model, collator.tokenizer, texts, device),
+                                   batch_size, "texts").cpu()
+    images = StoredImages(data.images, [f"image {name}" for name in data.image_ids], transform)
+    image_features = encode_images(model, images, collator, device, batch_size, num_workers).cpu()
     model.train(was_training)
     return text_features, image_features

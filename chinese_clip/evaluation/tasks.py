@@ -79,23 +79,25 @@ def check_sets(sets: Sequence[EvalSetConfig], best_metric: str | None = None,
 
 
 def evaluate_set(model: ChineseCLIP, entry: EvalSetConfig, collator: ImageTextCollator, device: torch.device,
-                 batch_size: int = 256, features_dir: Path | None = None) -> dict:
-    """One set's full result (as results.json and eval.json hold it). Every rank calls it together."""
+                 batch_size: int = 256, features_dir: Path | None = None, num_workers: int = 0) -> dict:
+    """One set's full result (as results.json and eval.json hold it), its images decoded in `num_workers`
+    DataLoader workers. Every rank calls it together."""
     if entry.task == "classification":
         result = evaluate_classification(model, set_path(entry), collator, device, read_templates(entry.templates),
-                                         batch_size, entry.labels)
+                                         batch_size, entry.labels, num_workers)
         return {**result, "templates_from": entry.templates or f"{CN_CLIP}:{DEFAULT_TEMPLATES}"}
-    return evaluate_retrieval(model, entry, collator, device, batch_size, features_dir)
+    return evaluate_retrieval(model, entry, collator, device, batch_size, features_dir, num_workers)
 
 
 def evaluate_retrieval(model: ChineseCLIP, entry: EvalSetConfig, collator: ImageTextCollator,
-                       device: torch.device, batch_size: int = 256, features_dir: Path | None = None) -> dict:
+                       device: torch.device, batch_size: int = 256, features_dir: Path | None = None,
+                       num_workers: int = 0) -> dict:
     """Text<->image recall; images get Chinese-CLIP's evaluation transform (square bicubic resize).
     With `features_dir`, rank 0 also writes the features in Chinese-CLIP's jsonl format, for its
     make_topk_predictions*.py and evaluation*.py."""
     data = read_set(entry)
     transform = build_transform(DataConfig(transform="resize"), model.cfg.vision.image_size)
-    texts, images = retrieval_features(model, data, collator, transform, device, batch_size)
+    texts, images = retrieval_features(model, data, collator, transform, device, batch_size, num_workers)
     if features_dir is not None and rank() == 0:
         features_dir.mkdir(parents=True, exist_ok=True)
         write_cn_clip_features(features_dir / f"{entry.split}_imgs.img_feat.jsonl", data.image_ids, images, "image")
@@ -105,14 +107,14 @@ def evaluate_retrieval(model: ChineseCLIP, entry: EvalSetConfig, collator: Image
 
 
 def sets_evaluator(sets: Sequence[EvalSetConfig], collator: ImageTextCollator, device: torch.device,
-                   batch_size: int = 256) -> Callable[[ChineseCLIP], dict[str, dict]]:
+                   batch_size: int = 256, num_workers: int = 0) -> Callable[[ChineseCLIP], dict[str, dict]]:
     """model -> {set name: result}, for the Trainer. An image that does not decode (check_sets reads
     the files, not the pixels) stops the run as a ConfigError naming the set and the image."""
     def evaluate(model: ChineseCLIP) -> dict[str, dict]:
         results = {}
         for entry in sets:
             try:
-                results[entry.name] = evaluate_set(model, entry, collator, device, batch_size)
+                results[entry.name] = evaluate_set(model, entry, collator, device, batch_size, num_workers=num_workers)
             except (FileNotFoundError, ValueError) as e:
                 raise ConfigError(f"eval set {entry.name}: {e}") from None
         return results

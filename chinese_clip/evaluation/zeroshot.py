@@ -26,10 +26,8 @@ def class_embeddings(model: ChineseCLIP, tokenizer: ChineseTokenizer, class_name
     templates) are encoded in batches, shared across ranks."""
     prompts = [t.replace("{}", name) for name in class_names for t in templates]
 
-    def encode(indices: Sequence[int]) -> torch.Tensor:
-        return encode_texts(model, tokenizer, [prompts[i] for i in indices], device)
-
-    features = encode_sharded(len(prompts), encode, batch_size, "class prompts").to(device)  # [C*T, D]
+    features = encode_sharded(prompts, lambda texts: encode_texts(model, tokenizer, texts, device), batch_size,
+                              "class prompts").to(device)  # [C*T, D]
     mean = features.view(len(class_names), len(templates), -1).mean(dim=1)  # [C, D]
     return torch.nn.functional.normalize(mean, dim=-1)
 
