@@ -39,7 +39,7 @@ from chinese_clip.config import Config, ConfigError, EvalSetConfig, TrainConfig,
 from chinese_clip.data.loaders import build_collator
 from chinese_clip.evaluation.retrieval_set import is_shard_path
 from chinese_clip.evaluation.tasks import check_sets, evaluate_set, markdown_table
-from chinese_clip.runtime import build_accelerator, eval_autocast
+from chinese_clip.runtime import build_accelerator, eval_autocast, set_cpu_threads
 from chinese_clip.tokenizer import load_tokenizer
 
 
@@ -85,9 +85,11 @@ def main(argv: list[str] | None = None) -> dict:
         model = load_pretrained(args.model, args.model_name)
     except ConfigError as e:
         sys.exit(f"error: {e}")
+    threads = set_cpu_threads(cfg.train.cpu_threads)  # `accelerate launch` alone would give it one
     accelerator = build_accelerator(TrainConfig(), args.out)
     model = model.to(accelerator.device)
-    accelerator.print(f"model: {args.model}  processes: {accelerator.num_processes}  device: {accelerator.device}")
+    accelerator.print(f"model: {args.model}  processes: {accelerator.num_processes}  device: {accelerator.device}  "
+                      f"{threads}")
     context_length = args.context_length or cfg.data.context_length
     collator = build_collator(cfg.data, load_tokenizer(pretrained_vocab(args.model), context_length))
     results = {}
