@@ -36,7 +36,7 @@ from peers import cn_clip_kwargs
 
 from chinese_clip.config import DataConfig, load_config
 from chinese_clip.data.loaders import build_collator
-from chinese_clip.data.transforms import build_transform
+from chinese_clip.data.transforms import eval_transform
 from chinese_clip.evaluation.features import StoredImages, encode_images
 from chinese_clip.evaluation.retrieval_set import read_retrieval_set
 from chinese_clip.model import ChineseCLIP
@@ -88,7 +88,7 @@ def cn_clip_extract(model, lmdb_imgs: Path, batch: int, count: int) -> float:
 
 def ours_extract(model: ChineseCLIP, raw: Path, batch: int, workers: int, count: int) -> float:
     data = read_retrieval_set(raw, "train")
-    transform = build_transform(DataConfig(transform="resize"), IMAGE_SIZE)
+    transform = eval_transform(IMAGE_SIZE)
     collator = build_collator(DataConfig(), load_tokenizer(None, 52))
     images = StoredImages(data.images, data.image_ids, transform)
     with torch.no_grad():

@@ -1,9 +1,11 @@
 """Model weights in and out: this project's model directory, Chinese-CLIP `.pt` files, HF
 `ChineseCLIPModel` directories, and the towers' starting weights for pretraining.
 
-A model directory of ours holds `model.safetensors` (fp32), `config.yaml` (the run config; its
-`model` section is the architecture) and the tokenizer's `vocab.txt`. The key mappings between the
-formats live in `chinese_clip.convert`.
+A model directory of ours is an HF ChineseCLIPModel directory (config.json, model.safetensors in HF
+names, fp32, the tokenizer and image preprocessor files) plus `config.yaml` (the run config; its
+`model` section is the architecture), the tokenizer's `vocab.txt` and a model card (README.md).
+Earlier versions wrote `model.safetensors` in our own names; those directories still load. The key
+mappings between the formats live in `chinese_clip.convert`.
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import checkpoint_filter_fn
 
 from chinese_clip import convert
-from chinese_clip.config import CLIP_MEAN, CLIP_STD, Config, ConfigError, ModelConfig, load_config, save_config
+from chinese_clip.config import (CLIP_MEAN, CLIP_STD, LOGIT_INIT, Config, ConfigError, ModelConfig, load_config,
+                                 save_config)
 from chinese_clip.model import ChineseCLIP
 from chinese_clip.tokenizer import ChineseTokenizer, load_tokenizer
 
@@ -30,11 +33,11 @@ HF_CONFIG_FILE = "config.json"
 HF_WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
-def write_weights(weights: dict[str, torch.Tensor], path: Path) -> None:
+def write_weights(weights: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Atomically: a reader sees the old file or the whole new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(partial))
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(partial), metadata=metadata)
     os.replace(partial, path)
 
 
@@ -45,12 +48,10 @@ def read_weights(path: Path, names: list[str] | None = None) -> dict[str, torch.
 
 def save_pretrained(weights: dict[str, torch.Tensor], cfg: Config, out_dir: Path,
                     tokenizer: ChineseTokenizer | None = None) -> None:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_weights(weights, out_dir / WEIGHTS_FILE)
-    save_config(cfg, out_dir / CONFIG_FILE)
-    if tokenizer is not None:
-        tokenizer.save(out_dir)
+    """A model directory of ours: `weights` (our names) as an HF ChineseCLIPModel directory, and the run config."""
+    tokenizer = tokenizer or load_tokenizer(cfg.data.vocab, cfg.data.context_length)
+    write_hf(weights, cfg.model, Path(out_dir), tokenizer, cfg.data.mean, cfg.data.std)
+    save_config(cfg, Path(out_dir) / CONFIG_FILE)
 
 
 def load_pretrained(path: str | Path, model_name: str | None = None) -> ChineseCLIP:
@@ -65,7 +66,10 @@ def load_pretrained(path: str | Path, model_name: str | None = None) -> ChineseC
         return _load_cn_clip(path, model_name)
     if (path / CONFIG_FILE).is_file():
         cfg = load_config(path / CONFIG_FILE).model
-        return model_from_weights(cfg, read_weights(_require(path, WEIGHTS_FILE)), path / WEIGHTS_FILE)
+        weights = read_weights(_require(path, WEIGHTS_FILE))
+        if convert.is_hf_layout(weights):  # else our own names, as model directories were first written
+            weights = convert.from_hf(weights)
+        return model_from_weights(cfg, weights, path / WEIGHTS_FILE)
     if (path / HF_CONFIG_FILE).is_file():
         return _load_hf(path)
     raise ValueError(f"{path}: no {CONFIG_FILE} (a model directory of ours) or {HF_CONFIG_FILE} (an HF ChineseCLIPModel); "
@@ -147,7 +151,7 @@ def export(model: ChineseCLIP, cfg: Config, out: str | Path, fmt: str, tokenizer
         return export_hf(model, out, tokenizer, cfg.data.mean, cfg.data.std)
     if fmt == "cn_clip":
         return export_cn_clip(model, out)
-    save_pretrained(model.state_dict(), cfg, Path(out), tokenizer)
+    save_pretrained(_fp32(model), cfg, Path(out), tokenizer)
     return Path(out)
 
 
@@ -169,27 +173,46 @@ def pretrained_vocab(path: str | Path) -> Path | None:
 
 def export_hf(model: ChineseCLIP, out_dir: str | Path, tokenizer: ChineseTokenizer | None = None,
               mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD) -> Path:
-    """A directory that `transformers.ChineseCLIPModel.from_pretrained` and `ChineseCLIPProcessor.from_pretrained`
-    load: config.json, model.safetensors, the tokenizer and the image preprocessor (a bicubic resize of
-    the whole image to the square input, no centre crop, as Chinese-CLIP preprocesses)."""
+    """An HF ChineseCLIPModel directory of `model` (see `write_hf`), without our run config."""
+    out_dir = Path(out_dir)
+    write_hf(_fp32(model), model.cfg, out_dir, tokenizer or load_tokenizer(), mean, std)
+    return out_dir
+
+
+def write_hf(weights: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: Path, tokenizer: ChineseTokenizer,
+             mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    """What `transformers.ChineseCLIPModel.from_pretrained` and `ChineseCLIPProcessor.from_pretrained` load:
+    config.json, model.safetensors in HF names, the tokenizer (and vocab.txt, which Chinese-CLIP's tools
+    read) and the image preprocessor (a bicubic resize of the whole image to the square input, no centre
+    crop, as Chinese-CLIP preprocesses).
+
+    transformers' model has no logit bias. A trained one (SigLIP) is kept as one more tensor,
+    `logit_bias`, which transformers leaves out, listing it as an unexpected key in its load report;
+    a bias still at the config's initial value (InfoNCE freezes it there) is not written, so that those
+    files load in transformers with no key left over."""
     from PIL import Image
-    from safetensors.torch import save_file
     from transformers import ChineseCLIPConfig, ChineseCLIPImageProcessor, ChineseCLIPProcessor
 
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = ChineseCLIPConfig(**convert.hf_config(model.cfg))
+    config = ChineseCLIPConfig(**convert.hf_config(cfg))
     config.architectures = ["ChineseCLIPModel"]
     config.save_pretrained(out_dir)
-    weights = {name: value.detach().float().cpu() for name, value in model.state_dict().items()}
-    save_file(convert.to_hf(weights), out_dir / "model.safetensors", metadata={"format": "pt"})
-    size = model.cfg.vision.image_size
+    hf_weights = convert.to_hf(weights)
+    # the value ChineseCLIP(cfg) starts from
+    initial_bias = LOGIT_INIT["clip"][1] if cfg.init_logit_bias is None else cfg.init_logit_bias
+    if "logit_bias" in weights and not torch.equal(weights["logit_bias"], torch.full([1], initial_bias)):
+        hf_weights["logit_bias"] = weights["logit_bias"].reshape(1)
+    write_weights(hf_weights, out_dir / WEIGHTS_FILE, metadata={"format": "pt"})
+    size = cfg.vision.image_size
     image_processor = ChineseCLIPImageProcessor(
         size={"height": size, "width": size}, do_center_crop=False, crop_size={"height": size, "width": size},
         resample=Image.BICUBIC, image_mean=list(mean), image_std=list(std))
-    tokenizer = tokenizer or load_tokenizer()
     ChineseCLIPProcessor(image_processor=image_processor, tokenizer=tokenizer.bert).save_pretrained(out_dir)
-    return out_dir
+    tokenizer.save(out_dir)
+
+
+def _fp32(model: ChineseCLIP) -> dict[str, torch.Tensor]:
+    return {name: value.detach().float().cpu() for name, value in model.state_dict().items()}
 
 
 def export_cn_clip(model: ChineseCLIP, out_path: str | Path) -> Path:
@@ -200,7 +223,7 @@ def export_cn_clip(model: ChineseCLIP, out_path: str | Path) -> Path:
     64 wide, as cn_clip's configs assume."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    weights = convert.to_cn_clip({name: value.detach().float().cpu() for name, value in model.state_dict().items()})
+    weights = convert.to_cn_clip(_fp32(model))
     checkpoint = {"epoch": 0, "step": 0, "name": out_path.stem, "model_info": convert.cn_clip_model_info(model.cfg),
                   "state_dict": {f"module.{name}": value for name, value in weights.items()}}
     partial = out_path.with_name(out_path.name + ".partial")

@@ -233,6 +233,9 @@ class InitConfig:
 class RunConfig:
     name: str = "run"
     output_dir: Optional[str] = None  # None: runs/<name>
+    # Where the metrics go besides metrics.jsonl: any of Accelerate's trackers (tensorboard, wandb, mlflow,
+    # comet_ml, aim, clearml, dvclive, swanlab, trackio), each under the project name run.name; [] for none
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
 
 
 @dataclass

@@ -5,7 +5,8 @@ Ours: `visual.*` a timm VisionTransformer, `visual_projection.weight` [E, W], `t
 Chinese-CLIP (cn_clip `.pt`): an OpenAI-layout ViT `visual.*` with `visual.proj` [W, E], `bert.*`,
 `text_projection` [H, E], `logit_scale` [].
 HF `ChineseCLIPModel`: `vision_model.*` (CLIP vision layout, separate q/k/v), `text_model.*`,
-`visual_projection.weight` [E, W], `text_projection.weight` [E, H], `logit_scale` [].
+`visual_projection.weight` [E, W], `text_projection.weight` [E, H], `logit_scale` []; it has no logit bias,
+which our HF-layout files add as `logit_bias` [1] where it was trained (SigLIP).
 
 Every conversion is renames, transposes and splits. A wrong one still runs, so each is tested for
 equal features against cn_clip's and transformers' own models.
@@ -256,4 +257,11 @@ def from_hf(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out["visual_projection.weight"] = weights["visual_projection.weight"]
     out["text_projection.weight"] = weights["text_projection.weight"]
     out["logit_scale"] = weights["logit_scale"].reshape(1)
+    if "logit_bias" in weights:  # a SigLIP model's, which our HF-layout files carry beside transformers' tensors
+        out["logit_bias"] = weights["logit_bias"].reshape(1)
     return out
+
+
+def is_hf_layout(weights: dict[str, torch.Tensor]) -> bool:
+    """HF ChineseCLIPModel names (model directories written since they became HF-native) rather than ours."""
+    return any(name.startswith("vision_model.") for name in weights)

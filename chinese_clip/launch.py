@@ -13,7 +13,7 @@ from chinese_clip.data.loaders import build_collator, build_train_loader
 from chinese_clip.data.stream import DataError, open_sources
 from chinese_clip.engine import build_engine
 from chinese_clip.evaluation.synthetic import SYNTHETIC_SETS, synthetic_evaluator
-from chinese_clip.evaluation.tasks import check_sets, sets_evaluator
+from chinese_clip.evaluation.tasks import read_sets, sets_evaluator
 from chinese_clip.model import ChineseCLIP
 from chinese_clip.run_dir import RunDir, RunDirError
 from chinese_clip.runtime import (build_accelerator, exit_with_launcher, run_dir_of, set_cpu_threads,
@@ -30,7 +30,7 @@ def train(config: str, overrides: list[str]) -> dict:
     try:
         cfg = load_config(config, overrides)
         threads = set_cpu_threads(cfg.train.cpu_threads)
-        accelerator = build_accelerator(cfg.train, run_dir_of(cfg.run))
+        accelerator = build_accelerator(cfg.train, run_dir_of(cfg.run), cfg.run.trackers)
         # DDP, DeepSpeed ZeRO or FSDP, as launched; its settings are checked against the config now.
         engine = build_engine(accelerator, cfg)
         # A pretrained model's file is read here: its architecture becomes cfg.model.
@@ -38,9 +38,10 @@ def train(config: str, overrides: list[str]) -> dict:
         # Every shard is looked at now: a missing one is an error before training, not hours in.
         sources = open_sources(cfg.data, accelerator.num_processes, accelerator.print) \
             if cfg.data.source == "shards" else None
-        # So is every evaluation set, label list and template file.
-        check_sets(cfg.eval.sets, cfg.eval.best_metric,
-                   {name: "classification" for name in SYNTHETIC_SETS} if cfg.data.source == "synthetic" else {})
+        # So is every evaluation set, label list and template file, read once for every evaluation of the run.
+        eval_sets = read_sets(cfg.eval.sets, cfg.eval.best_metric,
+                              {name: "classification" for name in SYNTHETIC_SETS} if cfg.data.source == "synthetic"
+                              else {})
         # One launch trains in a run directory at a time.
         run_dir = RunDir(run_dir_of(cfg.run), accelerator)
         run_dir.hold()
@@ -65,9 +66,9 @@ def train(config: str, overrides: list[str]) -> dict:
                                   seed=cfg.train.seed, batch_size=batch_size, position=position, sources=sources,
                                   skip_log=run_dir.skipped_log(rank))
 
-    configured = sets_evaluator(cfg.eval.sets, build_collator(cfg.data, tokenizer), accelerator.device,
-                                cfg.eval.batch_size, cfg.eval.num_workers)
-    synthetic = (synthetic_evaluator(cfg.data, image_size, tokenizer, accelerator.device, cfg.eval.batch_size)
+    collator = build_collator(cfg.data, tokenizer)
+    configured = sets_evaluator(eval_sets, collator, accelerator.device, cfg.eval.batch_size, cfg.eval.num_workers)
+    synthetic = (synthetic_evaluator(cfg.data, image_size, collator, accelerator.device, cfg.eval.batch_size)
                  if cfg.data.source == "synthetic" else None)
 
     def evaluate(model) -> dict:

@@ -5,7 +5,8 @@
     metrics.jsonl         one line per logged step (and TensorBoard under tensorboard/)
     stages/I-NAME.safetensors   full fp32 weights at the start of stage I
     checkpoints/step_N/   the engine's state of every rank, and trainer_state.json, written last
-    model/  best/         final and best weights (model directories of ours)
+    model/  best/         final and best weights (model directories of ours: HF ChineseCLIPModel
+                          directories with config.yaml and a model card, README.md)
     eval.json             every evaluation: before, during (by step), after, and the best score
     skipped/rank-N.jsonl  training samples that did not decode (written by the data workers)
 
@@ -34,7 +35,8 @@ from chinese_clip.checkpoints import CONFIG_FILE, model_from_weights, read_weigh
 from chinese_clip.config import Config, ConfigError, flatten, load_config, save_config, to_dict
 from chinese_clip.engine import Engine, consolidate_checkpoint
 from chinese_clip.model import ChineseCLIP
-from chinese_clip.stages import Stage
+from chinese_clip.model_card import write_model_card
+from chinese_clip.stages import Stage, plan_stages
 from chinese_clip.tokenizer import ChineseTokenizer
 
 STATE_FILE = "trainer_state.json"
@@ -107,7 +109,7 @@ class RunDir:
                 metrics.write_text("".join(line + "\n" for line in kept))
         self.accelerator.wait_for_everyone()
         hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(to_dict(cfg)).items()}
-        self.accelerator.init_trackers("tensorboard", config=hparams)
+        self.accelerator.init_trackers(cfg.run.name, config=hparams)
 
     # -- logs, weights, results --------------------------------------------------------------------
     def log(self, step: int, record: dict, tag: str | None = None) -> None:
@@ -131,6 +133,7 @@ class RunDir:
     def save_model(self, weights: dict[str, torch.Tensor], cfg: Config, tokenizer: ChineseTokenizer | None) -> None:
         if self.accelerator.is_main_process:
             save_pretrained(weights, cfg, self.path / "model", tokenizer)
+            self.write_card("model", cfg, {})
 
     def save_best(self, weights: dict[str, torch.Tensor], cfg: Config, tokenizer: ChineseTokenizer | None,
                   best: dict) -> None:
@@ -141,14 +144,28 @@ class RunDir:
         shutil.rmtree(partial, ignore_errors=True)
         save_pretrained(weights, cfg, partial, tokenizer)
         (partial / "best.json").write_text(json.dumps(best, indent=2))
+        write_model_card(partial, cfg, self.plan(cfg), {"best": best}, best["step"])
         if best_dir.exists():
             best_dir.rename(old)
         partial.rename(best_dir)
         shutil.rmtree(old, ignore_errors=True)
 
     def write_results(self, results: dict) -> None:
+        """eval.json, and the model cards of model/ and best/ brought up to date with it."""
         if self.accelerator.is_main_process:
             (self.path / "eval.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
+            cfg = load_config(self.path / CONFIG_FILE)
+            for name in ("model", "best"):
+                if (self.path / name).is_dir():
+                    self.write_card(name, cfg, results)
+
+    def write_card(self, name: str, cfg: Config, results: dict) -> None:
+        best = self.path / name / "best.json"
+        step = json.loads(best.read_text())["step"] if name == "best" and best.is_file() else None
+        write_model_card(self.path / name, cfg, self.plan(cfg), results, step)
+
+    def plan(self, cfg: Config) -> list[Stage]:
+        return plan_stages(cfg.stages, self.accelerator.num_processes, cfg.train.accum_freq)
 
     # -- checkpoints -------------------------------------------------------------------------------
     def find_checkpoint(self, resume: str) -> Path | None:
@@ -228,3 +245,17 @@ def checkpoint_model(checkpoint: str | Path) -> tuple[ChineseCLIP, Config]:
     checkpoint = Path(checkpoint)
     cfg = load_config(checkpoint.parent.parent / CONFIG_FILE)
     return model_from_weights(cfg.model, consolidate(checkpoint), checkpoint), cfg
+
+
+def write_checkpoint_card(checkpoint: str | Path, cfg: Config, out_dir: str | Path) -> None:
+    """The model card of a training checkpoint's weights: its run's stages (on as many processes as
+    saved it) and the evaluations up to it, or the run's eval.json when it is the run's last step."""
+    checkpoint = Path(checkpoint)
+    state = read_trainer_state(checkpoint)
+    plan = plan_stages(cfg.stages, len(state["data"]), cfg.train.accum_freq)  # one data position per rank
+    run_results = checkpoint.parent.parent / "eval.json"
+    if state["step"] == plan[-1].end_step and run_results.is_file():
+        results = json.loads(run_results.read_text())
+    else:
+        results = {**state["results"], **({"best": state["best"]} if state["best"] else {})}
+    write_model_card(out_dir, cfg, plan, results, state["step"])

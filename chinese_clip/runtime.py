@@ -8,15 +8,17 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import ContextManager
 
 import psutil
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs
+from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration
 
-from chinese_clip.config import Config, DataConfig, EvalConfig, OptimConfig, RunConfig, TrainConfig
+from chinese_clip.config import Config, ConfigError, DataConfig, EvalConfig, OptimConfig, RunConfig, TrainConfig
 
 # DeepSpeed still calls the torch.distributed collectives that torch 2.14 renamed; one warning
 # per call per step would bury the progress bar.
@@ -78,7 +80,9 @@ def launched_engine() -> str:
     return "ddp"
 
 
-def build_accelerator(cfg: TrainConfig, run_dir: Path) -> Accelerator:
+def build_accelerator(cfg: TrainConfig, run_dir: Path, trackers: Sequence[str] = ()) -> Accelerator:
+    """The Accelerator of this launch, logging to `trackers` (run.trackers) once `init_trackers` starts them."""
+    check_trackers(trackers)
     # Without CUDA, Accelerate forms no process group for a multi-process launch unless told how:
     # a DeepSpeed launch needs the backend named, any other needs `cpu=True` (gloo; an FSDP launch
     # then shards over it as it would over NCCL). Otherwise every process silently trains alone.
@@ -88,12 +92,25 @@ def build_accelerator(cfg: TrainConfig, run_dir: Path) -> Accelerator:
     accelerator = Accelerator(
         mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
         cpu=multi_process_cpu and launched_engine() != "deepspeed",
-        log_with="tensorboard",
-        project_dir=str(run_dir),
+        log_with=list(trackers),
+        # TensorBoard writes under <logging_dir>/<project name>: runs/<name>/tensorboard/<name>/.
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),
         kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if multi_process_cpu else [],
     )
     check_world_size(accelerator)
     return accelerator
+
+
+def check_trackers(names: Sequence[str]) -> None:
+    """Accelerate drops a tracker whose package is missing with a debug message only: the run would
+    train for days with nothing in wandb. Say so at start-up instead."""
+    installed = {str(tracker) for tracker in get_available_trackers()}
+    for name in names:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise ConfigError(f"run.trackers: unknown tracker {name!r} (Accelerate has: "
+                              f"{', '.join(sorted(LOGGER_TYPE_TO_CLASS))})")
+        if name not in installed:
+            raise ConfigError(f"run.trackers: {name} is not installed here (pip install {name}), or remove it")
 
 
 def set_cpu_threads(chosen: int | None) -> str:

@@ -354,6 +354,6 @@ def format_results(results: dict) -> str:
     lines = [header, "-" * len(header)]
     for name, result in results[phases[-1]].items():
         metric = "mean_recall" if "mean_recall" in scalar_metrics(result) else "top1"
-        label = f"{name} {metric}" + (f" (chance {result['chance_top1']:.1f})" if "chance_top1" in result else "")
+        label = f"{name} {metric}" + (f" (chance {100 / result['classes']:.1f})" if metric == "top1" else "")
         lines.append(f"{label:<32}" + "".join(f"{scalar_metrics(results[p][name])[metric]:>10.1f}" for p in phases))
     return "\n".join(lines)

@@ -24,8 +24,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from safetensors.torch import load_file
 
+from chinese_clip.checkpoints import load_pretrained
 from chinese_clip.config import ModelConfig, TextConfig, VisionConfig
 from chinese_clip.data.images import encode_jpeg
 from chinese_clip.data.readers import RawPair
@@ -108,7 +108,12 @@ def losses(run_dir: Path) -> list[float]:
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(run_dir / "model" / "model.safetensors")
+    return model_weights(run_dir / "model")
+
+
+def model_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """A model directory's weights in our names (its file holds HF names)."""
+    return load_pretrained(directory).state_dict()
 
 
 def assert_same_weights(ours: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], atol: float) -> None:

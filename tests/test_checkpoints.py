@@ -8,11 +8,13 @@ import torch.nn.functional as F
 from cn_clip.clip.model import CLIP
 from cn_clip.clip.utils import image_transform
 from PIL import Image
+from safetensors.torch import save_file
 from transformers import ChineseCLIPConfig, ChineseCLIPModel, ChineseCLIPProcessor
 
 from chinese_clip import convert
-from chinese_clip.checkpoints import export_cn_clip, export_hf, init_text_tower, init_vision_tower, load_pretrained
-from chinese_clip.config import CLIP_STD, ModelConfig, TextConfig, VisionConfig
+from chinese_clip.checkpoints import (export_cn_clip, export_hf, init_text_tower, init_vision_tower, load_pretrained,
+                                      save_pretrained)
+from chinese_clip.config import CLIP_STD, Config, ModelConfig, TextConfig, VisionConfig, save_config
 from chinese_clip.model import ChineseCLIP
 from chinese_clip.tokenizer import load_tokenizer
 
@@ -117,6 +119,35 @@ def test_export_hf_loads_in_transformers_with_the_same_features(ours, inputs, tm
     assert_same_features(hf_features(hf, *inputs), ours_features(ours, *inputs))
     torch.testing.assert_close(hf.logit_scale.reshape(1), ours.logit_scale)
     assert_same_features(ours_features(load_pretrained(tmp_path).eval(), *inputs), ours_features(ours, *inputs))
+
+
+def test_a_model_directory_loads_in_transformers_and_keeps_a_trained_logit_bias(ours, inputs, tmp_path):
+    """A model directory of ours is an HF directory: transformers loads it with no key missing. `ours` has
+    a trained bias (as SigLIP leaves it), which transformers' model lacks: transformers names it as the
+    one unexpected key, and load_pretrained restores it. A bias still at its initial value (InfoNCE's)
+    is not written at all."""
+    save_pretrained(ours.state_dict(), Config(model=OURS), tmp_path / "siglip")
+    hf, info = ChineseCLIPModel.from_pretrained(tmp_path / "siglip", output_loading_info=True)
+    assert (info["missing_keys"], info["unexpected_keys"], info["mismatched_keys"]) == (set(), {"logit_bias"}, set())
+    assert_same_features(hf_features(hf.eval(), *inputs), ours_features(ours, *inputs))
+    loaded = load_pretrained(tmp_path / "siglip").eval()
+    assert torch.equal(loaded.logit_bias, ours.logit_bias) and torch.equal(loaded.logit_scale, ours.logit_scale)
+    assert_same_features(ours_features(loaded, *inputs), ours_features(ours, *inputs))
+
+    clip = {**ours.state_dict(), "logit_bias": ChineseCLIP(OURS).logit_bias.detach()}
+    save_pretrained(clip, Config(model=OURS), tmp_path / "clip")
+    _, info = ChineseCLIPModel.from_pretrained(tmp_path / "clip", output_loading_info=True)
+    assert (info["missing_keys"], info["unexpected_keys"]) == (set(), set())
+    assert torch.equal(load_pretrained(tmp_path / "clip").logit_bias, clip["logit_bias"])
+
+
+def test_a_model_directory_in_the_first_layout_still_loads(ours, inputs, tmp_path):
+    """Model directories were first written with our own names in model.safetensors (no config.json)."""
+    save_config(Config(model=OURS), tmp_path / "config.yaml")
+    save_file({name: value.contiguous() for name, value in ours.state_dict().items()}, tmp_path / "model.safetensors")
+    loaded = load_pretrained(tmp_path).eval()
+    assert all(torch.equal(value, ours.state_dict()[name]) for name, value in loaded.state_dict().items())
+    assert_same_features(ours_features(loaded, *inputs), ours_features(ours, *inputs))
 
 
 def test_the_exported_processor_tokenizes_and_resizes_as_chinese_clip(ours, tmp_path):

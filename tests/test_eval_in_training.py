@@ -10,8 +10,8 @@ import pytest
 
 from chinese_clip.data.readers import read_pairs
 from chinese_clip.data.shards import build_shards
-from tests.conftest import (CONFIGS, EVALUATE, PRETRAIN, assert_same_results, command, final_weights, metrics, run_ok,
-                            write_class_folder, write_retrieval_set)
+from tests.conftest import (CONFIGS, EVALUATE, PRETRAIN, assert_same_results, command, final_weights, metrics, model_weights,
+                            run_ok, write_class_folder, write_retrieval_set)
 from tests.test_train import SHORT
 
 STEPS = ["train.steps=12", "checkpoint.every_steps=6", "eval.every_steps=6", "eval.at_start=true",
@@ -78,10 +78,15 @@ def test_the_best_weights_are_kept_and_a_resumed_run_keeps_the_same_best(trained
     best = json.loads((run_dir / "best" / "best.json").read_text())
     assert best == results["best"] == {"metric": "shapes/top1", "value": scores[best_step], "step": int(best_step)}
     assert (run_dir / "best" / "vocab.txt").is_file() and not (run_dir / "best.partial").exists()
+    card = (run_dir / "best" / "README.md").read_text(encoding="utf-8")  # brought up to date with eval.json
+    assert f"these are its weights at step {best_step}." in card
+    assert f"Best on `shapes/top1`: {best['value']:.2f} at step {best_step}" in card
+    assert f"| shapes | top1 | {scores['0']:.2f} | {scores['12']:.2f} |" in card  # before, after
     if best_step == "12":
-        assert final_weights(run_dir).keys() == final_weights(run_dir / "best").keys()
+        best_weights = model_weights(run_dir / "best")
+        assert final_weights(run_dir).keys() == best_weights.keys()
         for name, value in final_weights(run_dir).items():
-            assert (final_weights(run_dir / "best")[name] == value).all(), name
+            assert (best_weights[name] == value).all(), name
 
     # The run stopped after its step-6 checkpoint: it resumes there, and ends as the run that did not stop.
     resumed = tmp_path / "run"

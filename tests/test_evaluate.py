@@ -1,7 +1,9 @@
 """recipes/evaluate.py: retrieval scores of a saved model on a set in Chinese-CLIP's layout, the same
-from one process, from two, and from the library; features in Chinese-CLIP's format; one-line errors."""
+from one process, from two, and from the library; features that Chinese-CLIP's own scripts score as
+we do; one-line errors."""
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -10,10 +12,11 @@ from chinese_clip.checkpoints import save_pretrained
 from chinese_clip.config import Config, DataConfig, EvalSetConfig
 from chinese_clip.data.loaders import build_collator
 from chinese_clip.evaluation.classification import read_labelled_folder
-from chinese_clip.evaluation.tasks import evaluate_set
+from chinese_clip.evaluation.tasks import evaluate_set, read_sets
 from chinese_clip.model import ChineseCLIP
 from chinese_clip.tokenizer import load_tokenizer
 from tests.conftest import EVALUATE, TINY, command, run, run_ok, write_class_folder, write_retrieval_set
+from tests.test_retrieval import run_cn_clip_script
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +25,8 @@ def model_and_set(tmp_path_factory):
     torch.manual_seed(0)
     model = ChineseCLIP(TINY)
     save_pretrained(model.state_dict(), Config(model=TINY), root / "model")
-    return root / "model", write_retrieval_set(root / "MUGE", images=9, texts=13)
+    # at least 10 images and texts: Chinese-CLIP's scripts rank the top 10 in both directions
+    return root / "model", write_retrieval_set(root / "MUGE", images=12, texts=13)
 
 
 def evaluate(model_dir, data, out, engine=None, extra=()):
@@ -33,20 +37,44 @@ def evaluate(model_dir, data, out, engine=None, extra=()):
     return (results if extra else results["MUGE/valid"]), result.stdout
 
 
-def test_the_recipe_scores_what_the_library_scores_and_writes_chinese_clips_features(model_and_set, tmp_path):
+def test_the_recipe_scores_what_the_library_and_chinese_clips_own_scripts_score(model_and_set, tmp_path,
+                                                                                  monkeypatch):
     model_dir, data = model_and_set
     ours, printed = evaluate(model_dir, data, tmp_path / "out")
     torch.manual_seed(0)
     model = ChineseCLIP(TINY)
-    expected = evaluate_set(model, EvalSetConfig(name="MUGE", path=str(data)),
+    expected = evaluate_set(model, read_sets([EvalSetConfig(name="MUGE", path=str(data))])[0],
                             build_collator(DataConfig(), load_tokenizer(None, 52)), torch.device("cpu"), batch_size=4)
     assert ours["text_to_image"] == pytest.approx(expected["text_to_image"])
     assert ours["image_to_text"] == pytest.approx(expected["image_to_text"])
-    assert (ours["texts"], ours["images"]) == (13, 9) and "| MUGE/valid |" in printed
+    assert (ours["texts"], ours["images"]) == (13, 12) and "| MUGE/valid |" in printed
     features = tmp_path / "out" / "features" / "MUGE" / "valid"
     first = json.loads((features / "valid_imgs.img_feat.jsonl").read_text().splitlines()[0])
-    assert first["image_id"] == "100" and len(first["feature"]) == TINY.embed_dim
+    assert first["image_id"] == 100 and len(first["feature"]) == TINY.embed_dim  # an integer, as Chinese-CLIP's
     assert len((features / "valid_texts.txt_feat.jsonl").read_text().splitlines()) == 13
+
+    # Chinese-CLIP's own pipeline on those files and the set's annotation scores what results.json says.
+    answers = tmp_path / "valid_texts.jsonl"
+    shutil.copy(data / "valid_texts.jsonl", answers)  # its transform script writes beside its input
+    files = ["--image-feats", str(features / "valid_imgs.img_feat.jsonl"),
+             "--text-feats", str(features / "valid_texts.txt_feat.jsonl"), "--top-k", "10"]
+    run_cn_clip_script("make_topk_predictions", [*files, "--output", str(tmp_path / "t2i.jsonl")], monkeypatch)
+    run_cn_clip_script("evaluation", [str(answers), str(tmp_path / "t2i.jsonl"), str(tmp_path / "t2i_score.json")],
+                       monkeypatch)
+    run_cn_clip_script("transform_ir_annotation_to_tr", ["--input", str(answers)], monkeypatch)
+    run_cn_clip_script("make_topk_predictions_tr", [*files, "--output", str(tmp_path / "i2t.jsonl")], monkeypatch)
+    run_cn_clip_script("evaluation_tr", [str(tmp_path / "valid_texts.tr.jsonl"), str(tmp_path / "i2t.jsonl"),
+                                         str(tmp_path / "i2t_score.json")], monkeypatch)
+    theirs = {}
+    for direction in ("t2i", "i2t"):
+        score = json.loads((tmp_path / f"{direction}_score.json").read_text())
+        assert score["success"], score
+        theirs[direction] = score["scoreJson"]
+    for direction, key in (("t2i", "text_to_image"), ("i2t", "image_to_text")):
+        assert [theirs[direction][r] for r in ("r1", "r5", "r10")] == pytest.approx(
+            [ours[key][f"R@{k}"] for k in (1, 5, 10)]), direction
+    assert (theirs["t2i"]["mean_recall"] + theirs["i2t"]["mean_recall"]) / 2 == pytest.approx(ours["mean_recall"])
+    assert 0 < ours["text_to_image"]["R@1"] < ours["text_to_image"]["R@10"] < 100  # a set where ranks matter
 
 
 @pytest.mark.slow
@@ -78,7 +106,7 @@ def test_classification_scores_a_labelled_folder_and_names_its_labels_and_templa
     out = tmp_path / "out"
     result = run_ok(command(EVALUATE, "--model", str(model_dir), "--classification", str(folder), "--out", str(out)))
     scores = json.loads((out / "results.json").read_text())["results"]["test"]
-    assert (scores["images"], scores["classes"], scores["empty_classes"]) == (5, 3, ["002 (红色三角形)"])
+    assert (scores["images"], scores["classes"], scores["empty_classes"]) == (5, 3, ["红色三角形"])
     assert scores["labels_sha256"] == digest(["红色圆形", "红色正方形", "红色三角形"])
     assert scores["templates_sha256"] == digest(chinese_clip_templates()) and scores["templates"] > 10
     assert set(scores["per_class_top1"]) <= {"红色圆形", "红色正方形"} and "| test |" in result.stdout

@@ -53,6 +53,13 @@ def test_a_query_without_any_match_is_an_error_not_a_zero():
         recall_at_k(unit_rows(0, 10, 20), unit_rows(0), [[0], [0]])
 
 
+def test_feature_ids_are_integers_where_chinese_clips_are_and_strings_otherwise(tmp_path):
+    features = torch.eye(3)
+    write_cn_clip_features(tmp_path / "images.jsonl", ["100", 7, "00000-000012"], features, "image")
+    ids = [json.loads(line)["image_id"] for line in (tmp_path / "images.jsonl").read_text().splitlines()]
+    assert ids == [100, 7, "00000-000012"]  # a tsv id, a jsonl id, a shard's row id
+
+
 def run_cn_clip_script(module: str, argv: list[str], monkeypatch) -> None:
     """cn_clip's eval scripts are `__main__` programs that move tensors to CUDA; on CPU, .cuda() is the identity."""
     import cn_clip

@@ -7,7 +7,7 @@ import torch
 
 from chinese_clip.config import DataConfig
 from chinese_clip.data.collate import ImageTextCollator
-from chinese_clip.data.transforms import build_transform
+from chinese_clip.data.transforms import eval_transform
 from chinese_clip.evaluation.retrieval_set import read_retrieval_set, retrieval_features
 from chinese_clip.model import ChineseCLIP
 from chinese_clip.tokenizer import load_tokenizer
@@ -18,7 +18,7 @@ def features(root):
     model = ChineseCLIP(TINY)
     data = read_retrieval_set(root, "valid")
     collator = ImageTextCollator(load_tokenizer(None, 16), DataConfig().mean, DataConfig().std)
-    return retrieval_features(model, data, collator, build_transform(DataConfig(transform="resize"), 32),
+    return retrieval_features(model, data, collator, eval_transform(32),
                               torch.device("cpu"), batch_size=2)
 
 

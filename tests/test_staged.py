@@ -14,11 +14,17 @@ import re
 import psutil
 import pytest
 import torch
+import yaml
 from accelerate import Accelerator
+from PIL import Image
 from safetensors.torch import load_file
+from torchvision.transforms.functional import pil_to_tensor
+from transformers import ChineseCLIPModel, ChineseCLIPProcessor
 
 from chinese_clip.checkpoints import export, load_pretrained
 from chinese_clip.config import ConfigError, load_config
+from chinese_clip.data.collate import ImageTextCollator
+from chinese_clip.data.transforms import eval_transform
 from chinese_clip.engine import consolidate_checkpoint
 from chinese_clip.engine.ddp import DataParallel
 from chinese_clip.model import ChineseCLIP
@@ -28,6 +34,7 @@ from chinese_clip.trainer import Trainer
 from tests.conftest import (CONFIGS, EXPORT, STAGED, assert_same_weights, check_resumed_run_matches, command,
                             error_lines, final_weights, kill_launcher, kill_one_rank, kill_tree, log_of, metrics, on_shards,
                             resumed_from, run, run_ok, run_to_end, staged, start_until_checkpoint, write_shards)
+from tests.test_checkpoints import TEXTS, assert_same_features, hf_features, ours_features
 
 LIT_FROZEN = re.compile(r"visual(_projection)?\..*|logit_bias")  # the lit stage's rule, and InfoNCE's bias
 
@@ -94,9 +101,55 @@ def test_export_of_a_checkpoint_loads_with_the_final_weights(single_process_stag
     for name, value in model.state_dict().items():
         assert torch.equal(value, final[name]), name
     assert (tmp_path / "export" / "vocab.txt").is_file()
+    card = (tmp_path / "export" / "README.md").read_text(encoding="utf-8")  # written from the checkpoint's run
+    assert "these are its weights at step 16." in card
+    evaluation = lambda text: text[text.index("## Evaluation"):text.index("## Usage")]  # noqa: E731
+    assert evaluation(card) == evaluation((run_dir / "model" / "README.md").read_text(encoding="utf-8"))
     run_ok(command(EXPORT, str(tmp_path / "export"), "--out", str(tmp_path / "clip_cn.pt"), "--format", "cn_clip"))
     for name, value in load_pretrained(tmp_path / "clip_cn.pt").state_dict().items():
         assert torch.equal(value, final[name]), name
+
+
+def test_the_runs_model_loads_in_transformers_with_our_features_and_preprocessing(single_process_staged):
+    """model/ is an HF directory: ChineseCLIPModel encodes as load_pretrained's model does, and
+    ChineseCLIPProcessor tokenizes and preprocesses images as the run evaluated them."""
+    run_dir, _ = single_process_staged
+    hf = ChineseCLIPModel.from_pretrained(run_dir / "model").eval()
+    processor = ChineseCLIPProcessor.from_pretrained(run_dir / "model")
+    ours = load_pretrained(run_dir / "model").eval()
+    cfg = load_config(run_dir / "model" / "config.yaml")
+    tokenizer = load_tokenizer(None, cfg.data.context_length)
+    generator = torch.Generator().manual_seed(0)
+    images = [Image.fromarray(torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator).numpy())
+              for shape in [(40, 90, 3), (64, 64, 3), (100, 70, 3)]]
+    batch = processor(text=TEXTS[:3], images=images, padding="max_length", max_length=cfg.data.context_length,
+                      truncation=True, return_tensors="pt")
+    tokens = tokenizer(TEXTS[:3])
+    assert torch.equal(batch["input_ids"], tokens["input_ids"])
+    collator = ImageTextCollator(tokenizer, cfg.data.mean, cfg.data.std)
+    pixels = collator.pixel_batch([eval_transform(64)(pil_to_tensor(image)) for image in images])
+    torch.testing.assert_close(batch["pixel_values"], pixels, atol=1e-5, rtol=0)
+    inputs = (pixels, tokens["input_ids"], tokens["attention_mask"])
+    assert_same_features(hf_features(hf, *inputs), ours_features(ours, *inputs))
+
+
+def test_the_model_card_names_the_architecture_the_stages_and_the_final_scores(single_process_staged):
+    run_dir, _ = single_process_staged
+    card = (run_dir / "model" / "README.md").read_text(encoding="utf-8")
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert "license" in front and front["license"] is None  # for the user to fill in
+    assert (front["library_name"], front["pipeline_tag"], front["language"]) == (
+        "transformers", "zero-shot-image-classification", "zh")
+    assert "| width | 128 | 128 |" in card and "| layers | 4 | 2 |" in card and "| 64x64 pixels, 16x16 patches |" in card
+    assert "Trained for 16 steps on 352 samples" in card
+    assert "| lit | 0-5 (6) | 96 | 16 | 0 | 1.00e-03 | vision: frozen; text: all |" in card
+    assert "| flip | 6-11 (6) | 192 | 32 | 0.5 | 1.00e-03 | vision: all; text: all (lr x 1, 0.5) |" in card
+    assert "| unmasked | 12-15 (4) | 64 | 16 | 0 | 2.00e-04 | vision: all; text: all (lr x 1, 0.5) |" in card
+    after = json.loads((run_dir / "eval.json").read_text())["after"]
+    assert after.keys() == {"val", "novel"}
+    for name, result in after.items():  # eval.at_start=false: the scores after training are the one column
+        assert f"| {name} | top1 | {result['top1']:.2f} |" in card and f"| {name} | top5 | {result['top5']:.2f} |" in card
+    assert "from chinese_clip.inference import load_model" in card and "ChineseCLIPModel.from_pretrained" in card
 
 
 def test_evaluating_does_not_change_what_trains(single_process_staged, tmp_path):

@@ -40,6 +40,12 @@ def build_transform(cfg: DataConfig, image_size: int):
     return v2.RandomResizedCrop(image_size, scale=tuple(cfg.crop_scale), interpolation=bicubic, antialias=True)
 
 
+def eval_transform(image_size: int):
+    """What every evaluation and prediction does to an image: Chinese-CLIP's square bicubic resize of
+    the whole image (no crop)."""
+    return build_transform(DataConfig(transform="resize"), image_size)
+
+
 _seeder = torch.Generator()
 
 

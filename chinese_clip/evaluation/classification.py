@@ -1,5 +1,6 @@
-"""Zero-shot classification of a labelled image folder: Chinese class names through prompt templates
-(averaged per class), images through the vision tower; top-1, top-5 and per-class accuracy.
+"""Zero-shot classification: Chinese class names through prompt templates (averaged per class), images
+through the vision tower; top-1, top-5 and per-class accuracy. One path and one result for every set:
+a labelled folder here, the synthetic held-out splits (evaluation/synthetic.py).
 
 The folder follows Chinese-CLIP's convention: one sub-folder per class, sorted by name, and a
 `label_cn.txt` (in the folder or beside it) whose line i names the i-th sub-folder's class. The
@@ -14,12 +15,12 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from PIL import Image
 
-from chinese_clip.config import DataConfig
 from chinese_clip.data.collate import ImageTextCollator
 from chinese_clip.data.readers import IMAGE_SUFFIXES
-from chinese_clip.data.transforms import build_transform
-from chinese_clip.evaluation.features import StoredImages, encode_images
+from chinese_clip.data.transforms import eval_transform
+from chinese_clip.evaluation.features import StoredImages, encode_images, evaluating
 from chinese_clip.evaluation.zeroshot import class_embeddings
 from chinese_clip.model import ChineseCLIP
 
@@ -92,7 +93,6 @@ class LabelledFolder:
     labels: list[int]
     class_names: list[str]
     labels_from: str  # the label file, or cn_clip's list
-    empty_classes: list[str]  # classes whose folder holds no image: still candidates, never queries
 
 
 def read_labelled_folder(directory: str | Path, labels: str | Path | None = None) -> LabelledFolder:
@@ -105,16 +105,34 @@ def read_labelled_folder(directory: str | Path, labels: str | Path | None = None
     folders = sorted(p for p in directory.iterdir() if p.is_dir())
     if len(folders) != len(names):
         raise ValueError(f"{directory} has {len(folders)} class folders but {origin} names {len(names)} classes")
-    files, labels, empty = [], [], []
+    files, labels = [], []
     for label, folder in enumerate(folders):
         images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not images:
-            empty.append(f"{folder.name} ({names[label]})")
         files += images
         labels += [label] * len(images)
     if not files:
         raise ValueError(f"{directory}: no images in any class folder")
-    return LabelledFolder(files, labels, names, origin, empty)
+    return LabelledFolder(files, labels, names, origin)
+
+
+@dataclass
+class ClassificationSet:
+    """What a zero-shot classification scores, read once and evaluated as often as asked."""
+    images: Sequence[bytes | Path | Image.Image]  # as StoredImages takes them
+    labels: list[int]  # index into class_names, one per image
+    class_names: list[str]
+    templates: list[str]
+    data: str  # where the images came from
+    labels_from: str
+    templates_from: str
+
+
+def read_classification_set(directory: str | Path, labels: str | Path | None = None,
+                            templates: str | Path | None = None) -> ClassificationSet:
+    """A labelled folder (read_labelled_folder) with its prompt templates (read_templates)."""
+    folder = read_labelled_folder(directory, labels)
+    return ClassificationSet(folder.files, folder.labels, folder.class_names, read_templates(templates), str(directory),
+                             folder.labels_from, str(templates or f"{CN_CLIP}:{DEFAULT_TEMPLATES}"))
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str]) -> dict:
@@ -126,23 +144,22 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, class_names: Sequence[s
             "top5": 100.0 * (ranked == labels[:, None]).any(dim=1).float().mean().item(), "per_class_top1": per_class}
 
 
-@torch.no_grad()
-def evaluate_classification(model: ChineseCLIP, directory: str | Path, collator: ImageTextCollator,
-                            device: torch.device, templates: Sequence[str], batch_size: int = 256,
-                            labels: str | Path | None = None, num_workers: int = 0) -> dict:
-    """Images get Chinese-CLIP's evaluation transform (square bicubic resize), as in retrieval, decoded in
-    `num_workers` DataLoader workers."""
-    data = read_labelled_folder(directory, labels)
-    transform = build_transform(DataConfig(transform="resize"), model.cfg.vision.image_size)
-    was_training = model.training
-    model.eval()
-    classifier = class_embeddings(model, collator.tokenizer, data.class_names, templates, device, batch_size)  # [C, D]
-
-    images = StoredImages(data.files, [str(f) for f in data.files], transform)
-    features = encode_images(model, images, collator, device, batch_size, num_workers).cpu()  # [N, D]
-    model.train(was_training)
-    return {"task": "classification", "data": str(directory), "images": len(data.files),
-            "classes": len(data.class_names), "empty_classes": data.empty_classes,
-            "labels_from": data.labels_from, "labels_sha256": digest(data.class_names), "templates_sha256": digest(templates),
-            "templates": len(templates),
-            **accuracy(features @ classifier.cpu().T, torch.tensor(data.labels), data.class_names)}
+def zero_shot_classification(model: ChineseCLIP, data: ClassificationSet, collator: ImageTextCollator,
+                             device: torch.device, batch_size: int = 256, num_workers: int = 0) -> dict:
+    """The result of every zero-shot classification (a labelled folder, the synthetic held-out splits):
+    top-1, top-5 and per-class top-1 (%), the counts, the classes without images (candidates, never
+    queries), and the hashes of the class names and templates. Images get the evaluation transform,
+    decoded in `num_workers` DataLoader workers; every rank calls it together."""
+    names = [str(image) if isinstance(image, Path) else f"{data.data} image {i}" for i, image in enumerate(data.images)]
+    images = StoredImages(data.images, names, eval_transform(model.cfg.vision.image_size))
+    with evaluating(model):
+        classifier = class_embeddings(model, collator.tokenizer, data.class_names, data.templates, device,
+                                      batch_size)  # [C, D]
+        features = encode_images(model, images, collator, device, batch_size, num_workers)  # [N, D]
+    present = set(data.labels)
+    return {"task": "classification", "data": data.data, "images": len(data.labels), "classes": len(data.class_names),
+            "empty_classes": [name for c, name in enumerate(data.class_names) if c not in present],
+            "labels_from": data.labels_from, "labels_sha256": digest(data.class_names),
+            "templates_from": data.templates_from, "templates": len(data.templates),
+            "templates_sha256": digest(data.templates),
+            **accuracy(features.cpu() @ classifier.float().cpu().T, torch.tensor(data.labels), data.class_names)}

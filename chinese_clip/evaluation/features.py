@@ -4,19 +4,36 @@ DataLoader workers; texts go through Chinese-CLIP's text preprocessing first, as
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.transforms.v2.functional import pil_to_tensor
 from tqdm import tqdm
 
 from chinese_clip.data.collate import ImageTextCollator
+from chinese_clip.data.images import to_rgb
 from chinese_clip.data.transforms import UnusableSample, decode
 from chinese_clip.distributed import gather_without_grad, rank, world_size
 from chinese_clip.model import ChineseCLIP
 from chinese_clip.tokenizer import ChineseTokenizer, chinese_clip_text
+
+
+@contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """Every evaluation runs inside this: eval mode (no dropout, no FLIP masking) without gradients, and
+    the model's mode as it was afterwards, so that training continues in train mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
@@ -34,7 +51,7 @@ def encode_sharded(items: Sequence, encode_batch: Callable[[Any], torch.Tensor],
                         pin_memory=pin_memory, generator=torch.Generator())
     parts = []
     # closed on an error too, so that the error is not printed into the bar's line
-    with tqdm(loader, desc=desc, disable=rank() != 0, mininterval=1.0) as batches:
+    with tqdm(loader, desc=desc, disable=rank() != 0, mininterval=1.0, delay=2.0) as batches:
         for batch in batches:
             parts.append(encode_batch(batch).float())
     local = torch.cat(parts)  # [per_rank, D]
@@ -47,7 +64,7 @@ class StoredImages(Dataset):
     the DataLoader workers. One that does not decode comes back as its error, which the main process
     raises (an exception from a worker would arrive wrapped in the worker's traceback)."""
 
-    def __init__(self, images: Sequence[bytes | Path], names: Sequence[str], transform: Callable):
+    def __init__(self, images: Sequence[bytes | Path | Image.Image], names: Sequence[str], transform: Callable):
         self.images, self.names, self.transform = images, names, transform
 
     def __len__(self) -> int:
@@ -56,6 +73,8 @@ class StoredImages(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor | None, str | None]:
         image = self.images[i]
         try:
+            if isinstance(image, Image.Image):  # already decoded (the inference API takes PIL images)
+                return self.transform(pil_to_tensor(to_rgb(image))), None
             return self.transform(decode(image.read_bytes() if isinstance(image, Path) else image)), None
         except UnusableSample as e:
             return None, f"{self.names[i]}: {e}"

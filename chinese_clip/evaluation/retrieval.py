@@ -9,6 +9,7 @@ MUGE's 5k x 30k (and larger sets) fit in memory.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -57,11 +58,19 @@ def retrieval_metrics(text_features: torch.Tensor, image_features: torch.Tensor,
             "queries": {"text_to_image": len(text_features), "image_to_text": len(matched)}}
 
 
-def write_cn_clip_features(path: str | Path, ids: Sequence[int], features: torch.Tensor, kind: str) -> None:
+def cn_clip_id(identifier: int | str) -> int | str:
+    """An id as Chinese-CLIP's feature files carry it: an integer when it is all digits (its tsv and
+    jsonl ids are), the string otherwise."""
+    return int(identifier) if re.fullmatch(r"[0-9]+", str(identifier)) else identifier
+
+
+def write_cn_clip_features(path: str | Path, ids: Sequence[int | str], features: torch.Tensor, kind: str) -> None:
     """Chinese-CLIP's feature jsonl ({"image_id"|"text_id": id, "feature": [...]} per line), which its
-    make_topk_predictions*.py read."""
+    make_topk_predictions*.py read. Ids are written as cn_clip_id makes them: JSON integers for a set in
+    Chinese-CLIP's layout, which is what its evaluation*.py require; ids that are not all digits (our
+    shards' row ids) stay strings, and its scripts refuse those."""
     if kind not in ("image", "text"):
         raise ValueError(f"kind must be image or text, got {kind!r}")
     with open(path, "w", encoding="utf-8") as f:
         for identifier, feature in zip(ids, features.float().tolist()):
-            f.write(json.dumps({f"{kind}_id": identifier, "feature": feature}) + "\n")
+            f.write(json.dumps({f"{kind}_id": cn_clip_id(identifier), "feature": feature}) + "\n")

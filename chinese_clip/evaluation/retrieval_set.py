@@ -21,7 +21,7 @@ import torch
 from chinese_clip.data.collate import ImageTextCollator
 from chinese_clip.data.storage import is_remote, open_binary
 from chinese_clip.data.stream import image_id, shard_files
-from chinese_clip.evaluation.features import StoredImages, encode_images, encode_sharded, encode_texts
+from chinese_clip.evaluation.features import StoredImages, encode_images, encode_sharded, encode_texts, evaluating
 from chinese_clip.model import ChineseCLIP
 
 
@@ -87,7 +87,9 @@ def is_shard_path(path: str | Path) -> bool:
 def read_shard_retrieval_set(path: str | Path) -> RetrievalSet:
     """Pairs from our shards (data_tools/build_shards.py) as a retrieval set. Shards hold pairs, not
     ids: an image is its bytes (byte-identical images are one image, as in training), a text its
-    caption (a caption paired with several images matches each). Ids are each one's first row id."""
+    caption (a caption paired with several images matches each). Ids are each one's first row id
+    (build_shards writes "00000-000012": shard, row), strings that name the pair in the shard; they are
+    not Chinese-CLIP's integer ids, and shards carry no annotation file for its scripts to score."""
     images: list[bytes] = []
     image_ids: list[str] = []
     image_index: dict[int, int] = {}  # image hash -> index
@@ -123,11 +125,9 @@ def retrieval_features(model: ChineseCLIP, data: RetrievalSet, collator: ImageTe
     """(text features [T, D], image features [I, D]), L2-normalised, on the CPU. Texts go through
     Chinese-CLIP's text preprocessing and the collator's tokenizer, images through `transform` and
     its normalisation, decoded in `num_workers` DataLoader workers."""
-    was_training = model.training
-    model.eval()
-    text_features = encode_sharded(data.texts, lambda texts: encode_texts(model, collator.tokenizer, texts, device),
-                                   batch_size, "texts").cpu()
-    images = StoredImages(data.images, [f"image {name}" for name in data.image_ids], transform)
-    image_features = encode_images(model, images, collator, device, batch_size, num_workers).cpu()
-    model.train(was_training)
+    with evaluating(model):
+        text_features = encode_sharded(data.texts, lambda texts: encode_texts(model, collator.tokenizer, texts, device),
+                                       batch_size, "texts").cpu()
+        images = StoredImages(data.images, [f"image {name}" for name in data.image_ids], transform)
+        image_features = encode_images(model, images, collator, device, batch_size, num_workers).cpu()
     return text_features, image_features

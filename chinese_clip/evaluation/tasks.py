@@ -1,5 +1,6 @@
-"""Evaluation sets as configured (eval.sets, or recipes/evaluate.py's flags): checked at start-up,
-run on a model, reduced to the scalars that are logged, and tabled beside published numbers.
+"""Evaluation sets as configured (eval.sets, or recipes/evaluate.py's flags): read and checked once at
+start-up, run on a model as often as asked, reduced to the scalars that are logged, and tabled beside
+published numbers.
 
 The same functions serve `recipes/evaluate.py` and evaluation inside training, so a checkpoint
 scores the same in both.
@@ -7,17 +8,18 @@ scores the same in both.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
-from chinese_clip.config import ConfigError, DataConfig, EvalSetConfig
+from chinese_clip.config import ConfigError, EvalSetConfig
 from chinese_clip.data.collate import ImageTextCollator
-from chinese_clip.data.transforms import build_transform
+from chinese_clip.data.transforms import eval_transform
 from chinese_clip.distributed import rank
-from chinese_clip.evaluation.classification import (CN_CLIP, DEFAULT_TEMPLATES, evaluate_classification,
-                                                    read_labelled_folder, read_templates)
+from chinese_clip.evaluation.classification import (ClassificationSet, read_classification_set,
+                                                    zero_shot_classification)
 from chinese_clip.evaluation.retrieval import KS, retrieval_metrics, write_cn_clip_features
 from chinese_clip.evaluation.retrieval_set import (RetrievalSet, is_shard_path, read_retrieval_set,
                                                    read_shard_retrieval_set, retrieval_features)
@@ -45,12 +47,20 @@ def read_set(entry: EvalSetConfig) -> RetrievalSet:
     return read_shard_retrieval_set(path) if is_shard_path(path) else read_retrieval_set(path, entry.split)
 
 
-def check_sets(sets: Sequence[EvalSetConfig], best_metric: str | None = None,
-               other_sets: dict[str, str] | None = None) -> None:
-    """Read every set, label list and template file now, so that a wrong path or a malformed line is a
+@dataclass
+class EvalSet:
+    """A configured set as read at start-up: every evaluation of the run reuses it."""
+    entry: EvalSetConfig
+    data: RetrievalSet | ClassificationSet
+
+
+def read_sets(sets: Sequence[EvalSetConfig], best_metric: str | None = None,
+              other_sets: dict[str, str] | None = None) -> list[EvalSet]:
+    """Every set, label list and template file, read once, now: a wrong path or a malformed line is a
     ConfigError at start-up and not at the first evaluation hours in. `other_sets` ({name: task}, the
     synthetic held-out splits) are valid targets of `best_metric` too."""
     tasks = dict(other_sets or {})
+    read = []
     for i, entry in enumerate(sets):
         if not entry.name or not entry.path:
             raise ConfigError(f"eval.sets[{i}]: give it a name and a path")
@@ -59,44 +69,41 @@ def check_sets(sets: Sequence[EvalSetConfig], best_metric: str | None = None,
         if entry.task == "retrieval" and (entry.labels or entry.templates):
             raise ConfigError(f"eval set {entry.name}: labels and templates apply to task: classification")
         try:
-            if entry.task == "retrieval":
-                read_set(entry)
-            else:
-                read_labelled_folder(set_path(entry), entry.labels)
-                read_templates(entry.templates)
+            data = (read_set(entry) if entry.task == "retrieval"
+                    else read_classification_set(set_path(entry), entry.labels, entry.templates))
         except (FileNotFoundError, ValueError) as e:  # ConfigError included
             raise ConfigError(f"eval set {entry.name}: {e}") from None
         if unknown := sorted(set(entry.reference) - set(METRICS[entry.task])):
             raise ConfigError(f"eval set {entry.name}: reference metric {unknown[0]} is not one of "
                               f"{', '.join(METRICS[entry.task])}")
         tasks[entry.name] = entry.task
+        read.append(EvalSet(entry, data))
     if best_metric is not None:
         name, _, metric = best_metric.rpartition("/")
         if name not in tasks or metric not in METRICS[tasks[name]]:
             choices = ", ".join(f"{n}/{m}" for n, task in tasks.items() for m in METRICS[task])
             raise ConfigError(f"eval.best_metric {best_metric!r} is not a metric of an evaluated set; "
                               f"choose one of: {choices or 'none (no sets are evaluated)'}")
+    return read
 
 
-def evaluate_set(model: ChineseCLIP, entry: EvalSetConfig, collator: ImageTextCollator, device: torch.device,
+def evaluate_set(model: ChineseCLIP, evaluated: EvalSet, collator: ImageTextCollator, device: torch.device,
                  batch_size: int = 256, features_dir: Path | None = None, num_workers: int = 0) -> dict:
     """One set's full result (as results.json and eval.json hold it), its images decoded in `num_workers`
     DataLoader workers. Every rank calls it together."""
-    if entry.task == "classification":
-        result = evaluate_classification(model, set_path(entry), collator, device, read_templates(entry.templates),
-                                         batch_size, entry.labels, num_workers)
-        return {**result, "templates_from": entry.templates or f"{CN_CLIP}:{DEFAULT_TEMPLATES}"}
-    return evaluate_retrieval(model, entry, collator, device, batch_size, features_dir, num_workers)
+    if isinstance(evaluated.data, ClassificationSet):
+        return zero_shot_classification(model, evaluated.data, collator, device, batch_size, num_workers)
+    return evaluate_retrieval(model, evaluated, collator, device, batch_size, features_dir, num_workers)
 
 
-def evaluate_retrieval(model: ChineseCLIP, entry: EvalSetConfig, collator: ImageTextCollator,
+def evaluate_retrieval(model: ChineseCLIP, evaluated: EvalSet, collator: ImageTextCollator,
                        device: torch.device, batch_size: int = 256, features_dir: Path | None = None,
                        num_workers: int = 0) -> dict:
     """Text<->image recall; images get Chinese-CLIP's evaluation transform (square bicubic resize).
     With `features_dir`, rank 0 also writes the features in Chinese-CLIP's jsonl format, for its
-    make_topk_predictions*.py and evaluation*.py."""
-    data = read_set(entry)
-    transform = build_transform(DataConfig(transform="resize"), model.cfg.vision.image_size)
+    make_topk_predictions*.py and evaluation*.py (see write_cn_clip_features for the ids)."""
+    entry, data = evaluated.entry, evaluated.data
+    transform = eval_transform(model.cfg.vision.image_size)
     texts, images = retrieval_features(model, data, collator, transform, device, batch_size, num_workers)
     if features_dir is not None and rank() == 0:
         features_dir.mkdir(parents=True, exist_ok=True)
@@ -106,32 +113,34 @@ def evaluate_retrieval(model: ChineseCLIP, entry: EvalSetConfig, collator: Image
             "images": len(images), **retrieval_metrics(texts, images, data.text_to_images)}
 
 
-def sets_evaluator(sets: Sequence[EvalSetConfig], collator: ImageTextCollator, device: torch.device,
+def sets_evaluator(sets: Sequence[EvalSet], collator: ImageTextCollator, device: torch.device,
                    batch_size: int = 256, num_workers: int = 0) -> Callable[[ChineseCLIP], dict[str, dict]]:
-    """model -> {set name: result}, for the Trainer. An image that does not decode (check_sets reads
-    the files, not the pixels) stops the run as a ConfigError naming the set and the image."""
+    """model -> {set name: result}, for the Trainer: every evaluation of the run scores the sets as
+    read_sets read them at start-up. An image that does not decode (read_sets reads the files, not
+    the pixels) stops the run as a ConfigError naming the set and the image."""
     def evaluate(model: ChineseCLIP) -> dict[str, dict]:
         results = {}
-        for entry in sets:
+        for evaluated in sets:
             try:
-                results[entry.name] = evaluate_set(model, entry, collator, device, batch_size, num_workers=num_workers)
+                results[evaluated.entry.name] = evaluate_set(model, evaluated, collator, device, batch_size,
+                                                             num_workers=num_workers)
             except (FileNotFoundError, ValueError) as e:
-                raise ConfigError(f"eval set {entry.name}: {e}") from None
+                raise ConfigError(f"eval set {evaluated.entry.name}: {e}") from None
         return results
 
     return evaluate
 
 
 def scalar_metrics(result: dict) -> dict[str, float]:
-    """What is logged of a result: the retrieval recalls flattened (t2i_R@1, ..., each direction's
-    mean, mean_recall), else its numbers (top1, top5, counts)."""
+    """What is logged of a result, the metrics of its task (METRICS): the retrieval recalls flattened
+    (t2i_R@1, ..., each direction's mean, mean_recall), or classification's top1 and top5."""
     if result.get("task") == "retrieval":
         flat = {}
         for short, direction in DIRECTIONS.items():
             recalls = {f"{short}_R@{k}": result[direction][f"R@{k}"] for k in KS}
             flat.update(recalls, **{f"{short}_mean_recall": sum(recalls.values()) / len(recalls)})
         return {**flat, "mean_recall": result["mean_recall"]}
-    return {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {metric: result[metric] for metric in METRICS["classification"]}
 
 
 def markdown_table(results: dict[str, dict], references: dict[str, dict[str, float]] | None = None,
