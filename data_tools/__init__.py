@@ -1,0 +1,1 @@
+"""Dataset command-line tools; installed as chinese_clip.data_tools."""
