@@ -1,0 +1,293 @@
+"""Putting a model to work: the inference API against transformers' ChineseCLIPModel, recipes/predict.py's
+classification and search, the incremental index, and the search page driven in a real headless Chromium."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import runpy
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from chinese_clip.checkpoints import export_hf, save_pretrained
+from chinese_clip.config import Config
+from chinese_clip.data.synthetic import SyntheticShapes
+from chinese_clip.inference import load_model
+from chinese_clip.model import ChineseCLIP
+from chinese_clip.search import index as search_index
+from chinese_clip.search.index import ImageIndex, SearchIndexError
+from chinese_clip.tokenizer import load_tokenizer
+from tests.conftest import ROOT, TINY, run_ok, write_shards
+
+PREDICT = str(ROOT / "recipes" / "predict.py")
+predict = runpy.run_path(PREDICT)["main"]  # in-process, where a launch would only add seconds of imports
+
+
+def predict_error(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as stopped:
+        predict(argv)
+    return str(stopped.value.code)
+LABELS = ["红色的圆形", "蓝色的正方形", "绿色的三角形"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny random model whose features depend on the input as a trained model's do: at initialisation
+    the blocks' small weights leave every image (and text) at nearly the same feature, so they are
+    scaled up; with CLIP's largest logit scale, probabilities are far from uniform."""
+    torch.manual_seed(0)
+    model = ChineseCLIP(TINY)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(100))
+        for name, weight in model.named_parameters():
+            if weight.ndim == 2 and any(part in name for part in ("blocks", "encoder.layer", "patch_embed")):
+                weight.mul_(5)
+    out = tmp_path_factory.mktemp("model") / "model"
+    save_pretrained(model.state_dict(), Config(model=TINY), out, load_tokenizer())
+    return out
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """Eight synthetic shapes as PNG files, two of them in a sub-folder."""
+    folder = tmp_path_factory.mktemp("photos") / "photos"
+    (folder / "more").mkdir(parents=True)
+    shapes = SyntheticShapes("train", 8, 48)
+    for i in range(8):
+        shapes[i]["image"].save(folder / ("more" if i >= 6 else "") / f"shape{i}.png")
+    return folder
+
+
+def test_the_api_classifies_and_encodes_as_transformers_does(model_dir, photos, tmp_path):
+    """The same weights through HF's ChineseCLIPModel and ChineseCLIPProcessor (PIL resizing): the same
+    label probabilities for images given as paths, bytes and PIL images."""
+    from transformers import ChineseCLIPModel, ChineseCLIPProcessor
+
+    predictor = load_model(model_dir)
+    hf_dir = export_hf(predictor.model, tmp_path / "hf")
+    hf_model, processor = ChineseCLIPModel.from_pretrained(hf_dir).eval(), ChineseCLIPProcessor.from_pretrained(hf_dir)
+    files = sorted(photos.rglob("*.png"))[:4]
+    images = [Image.open(f).convert("RGB") for f in files]
+    with torch.no_grad():
+        inputs = processor(text=LABELS, images=images, return_tensors="pt", padding=True)
+        outputs = hf_model(**inputs)
+    theirs, their_texts = outputs.logits_per_image.softmax(dim=-1), outputs.text_embeds
+
+    inputs_of_each_kind = [files[0], files[1].read_bytes(), images[2], str(files[3])]
+    ours = predictor.classify(inputs_of_each_kind, LABELS, templates=["{}"])
+    assert [list(row) for row in ours] == [LABELS] * 4
+    assert torch.tensor([list(row.values()) for row in ours]) == pytest.approx(theirs, abs=2e-3)  # PIL vs torchvision resize
+    assert theirs.max() > 0.6  # not uniform: a wrong scale or a swapped label would show
+    assert predictor.encode_texts(LABELS) == pytest.approx(their_texts, abs=1e-5)
+    single = predictor.classify(files[0], LABELS, templates=["{}"])
+    assert single == pytest.approx(ours[0], abs=1e-5)  # a batch of one: other kernels
+    features = predictor.encode_images(files)
+    assert features.shape == (4, TINY.embed_dim) and features.norm(dim=1) == pytest.approx(torch.ones(4), abs=1e-5)
+
+
+def test_the_api_says_what_is_wrong_with_its_input(model_dir, tmp_path):
+    predictor = load_model(model_dir)
+    with pytest.raises(FileNotFoundError, match="nope.jpg: no such image file"):
+        predictor.encode_images(tmp_path / "nope.jpg")
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="broken.jpg: does not decode"):
+        predictor.encode_images([tmp_path / "broken.jpg"])
+    with pytest.raises(ValueError, match="labels repeat"):
+        predictor.classifier(["猫", "猫"])
+    with pytest.raises(ValueError, match="each with {}"):
+        predictor.classifier(["猫", "狗"], templates=["一张照片"])
+
+
+def test_bf16_encoding_stays_close_to_fp32(model_dir, photos):
+    """precision="bf16" (what "auto" picks on GPUs with bf16) runs the towers under bf16 autocast."""
+    fp32, bf16 = load_model(model_dir, precision="fp32"), load_model(model_dir, precision="bf16")
+    files = sorted(photos.glob("*.png"))
+    for encode in ("encode_images", "encode_texts"):
+        inputs = files if encode == "encode_images" else LABELS
+        exact, reduced = getattr(fp32, encode)(inputs), getattr(bf16, encode)(inputs)
+        assert not torch.equal(exact, reduced)  # it did run in bf16
+        assert (exact * reduced).sum(dim=1).min() > 0.99
+    with pytest.raises(ValueError, match="precision must be auto, fp32 or bf16"):
+        load_model(model_dir, precision="fp16")
+
+
+def test_classify_recipe_prints_the_top_labels_and_writes_every_probability(model_dir, photos, tmp_path, capsys):
+    out = tmp_path / "preds.json"
+    result = run_ok([sys.executable, PREDICT, "classify", "--model", str(model_dir), str(photos / "more"),
+                     str(photos / "shape0.png"), "--labels", "，".join(LABELS), "--template", "{}", "--top-k", "2",
+                     "--out", str(out)])
+    written = json.loads(out.read_text(encoding="utf-8"))
+    files = [str(photos / "more" / "shape6.png"), str(photos / "more" / "shape7.png"), str(photos / "shape0.png")]
+    assert [p["image"] for p in written["predictions"]] == files and written["labels"] == LABELS
+    expected = load_model(model_dir).classify(files, LABELS, templates=["{}"])
+    for prediction, probabilities in zip(written["predictions"], expected):
+        assert prediction["probabilities"] == pytest.approx(probabilities, abs=1e-5)
+        best = max(probabilities, key=probabilities.get)
+        assert prediction["top"][0]["label"] == best and len(prediction["top"]) == 2
+        assert f"{prediction['image']}\t{best} " in result.stdout
+
+    missing = predict_error(["classify", "--model", str(model_dir), str(tmp_path / "nope"), "--labels", "猫,狗"], capsys)
+    assert missing == f"error: {tmp_path / 'nope'}: no such image file or folder"
+    one_label = predict_error(["classify", "--model", str(model_dir), str(photos), "--labels", "猫"], capsys)
+    assert one_label == "error: give at least two labels (--labels 猫,狗 or --labels-file, one per line)"
+
+
+def test_an_index_encodes_only_what_changed_and_survives_an_interrupted_build(model_dir, photos, tmp_path, monkeypatch):
+    folder = tmp_path / "photos"
+    shutil.copytree(photos, folder)
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    predictor = load_model(model_dir)
+    calls = []
+    encode = predictor.encode_readable
+    monkeypatch.setattr(predictor, "encode_readable", lambda images: calls.append(len(images)) or encode(images))
+    index = ImageIndex(tmp_path / "index")
+    counts = index.build(str(folder), predictor, model_dir, say=lambda line: None)
+    assert (counts["added"], counts["kept"], counts["removed"]) == (8, 0, 0)
+    assert [Path(e.split(":")[0]).name for e in counts["unreadable"]] == ["broken.jpg"]
+
+    (folder / "broken.jpg").unlink()
+    (folder / "shape0.png").unlink()
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(folder / "more" / "shape6.png")  # changed in place
+    SyntheticShapes("train", 10, 48)[9]["image"].save(folder / "new.png")
+    calls.clear()
+    counts = ImageIndex(tmp_path / "index").build(str(folder), predictor, model_dir, say=lambda line: None)
+    assert (counts["added"], counts["kept"], counts["removed"]) == (2, 6, 2) and calls == [2]
+    index = ImageIndex.open(tmp_path / "index")
+    assert sorted(item["key"] for item in index.items) == sorted(
+        p.relative_to(folder).as_posix() for p in folder.rglob("*.png"))
+
+    # every hit is the brute-force answer of the current files
+    query = predictor.encode_texts("红色的圆形")[0]
+    hits = index.search(query, k=3)
+    files = {item["key"]: Path(item["image"]) for item in index.items}
+    truth = sorted(files, key=lambda key: -(predictor.encode_images(files[key])[0] @ query).item())[:3]
+    assert [hit.key for hit in hits] == truth
+    assert [hit.score for hit in hits] == pytest.approx(
+        [(predictor.encode_images(files[key])[0] @ query).item() for key in truth], abs=2e-3)  # fp16 features
+
+    # a build that dies after its first part keeps that part; the next one encodes only the rest
+    monkeypatch.setattr(search_index, "PART_SIZE", 3)
+    calls.clear()
+
+    def dies_on_the_second_part(images):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(len(images))
+        return encode(images)
+
+    monkeypatch.setattr(predictor, "encode_readable", dies_on_the_second_part)
+    fresh = tmp_path / "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        ImageIndex(fresh).build(str(folder), predictor, model_dir, say=lambda line: None)
+    assert len(ImageIndex.open(fresh).items) == 3
+    monkeypatch.setattr(predictor, "encode_readable", encode)
+    counts = ImageIndex(fresh).build(str(folder), predictor, model_dir, say=lambda line: None)
+    assert (counts["kept"], counts["added"], counts["images"]) == (3, 5, 8)
+
+    with pytest.raises(SearchIndexError, match="indexes .* not .*give each source its own index"):
+        ImageIndex(fresh).build(str(photos), predictor, model_dir, say=lambda line: None)
+    other = tmp_path / "other_model"
+    shutil.copytree(model_dir, other)
+    with pytest.raises(SearchIndexError, match="was built with .*--rebuild"):
+        ImageIndex(fresh).build(str(folder), predictor, other, say=lambda line: None)
+
+
+def test_search_recipe_on_shards_and_folders_writes_json_and_a_gallery(model_dir, photos, tmp_path, capsys):
+    shards = write_shards(tmp_path / "shards", pairs=12, rows_per_shard=5, image_size=48)
+    index_dir = tmp_path / "shards.index"
+    predict(["index", "--model", str(model_dir), "--source", str(shards), "--index", str(index_dir)])
+    predict(["index", "--model", str(model_dir), "--source", str(shards), "--index", str(index_dir)])
+    assert "12 images (0 added, 12 kept" in capsys.readouterr().out
+
+    out, html = tmp_path / "hits.json", tmp_path / "pages" / "hits.html"
+    run_ok([sys.executable, PREDICT, "search", "--index", str(index_dir), "一个红色的圆形", "--top-k", "4",
+            "--out", str(out), "--html", str(html)])
+    results = json.loads(out.read_text(encoding="utf-8"))["results"]
+    assert [r["rank"] for r in results] == [1, 2, 3, 4] and all(r["caption"] for r in results)
+    assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
+    page = html.read_text(encoding="utf-8")
+    shown = [line.split('"')[0] for line in page.split('<img src="')[1:]]
+    assert len(shown) == 4 and all((html.parent / src).is_file() for src in shown)  # thumbnails, linked relatively
+
+    # image to image: an indexed image finds itself first
+    folder_index = tmp_path / "photos.index"
+    predict(["index", "--model", str(model_dir), "--source", str(photos), "--index", str(folder_index)])
+    capsys.readouterr()
+    predict(["search", "--index", str(folder_index), "--image", str(photos / "shape3.png"), "--top-k", "2"])
+    rank, score, key = capsys.readouterr().out.splitlines()[0].split("\t")
+    assert (rank, key) == ("1", "shape3.png") and float(score) == pytest.approx(1.0, abs=2e-3)
+    missing = predict_error(["search", "--index", str(tmp_path / "nowhere"), "猫"], capsys)
+    assert missing == (f"error: {tmp_path / 'nowhere'}: not an image index (no index.json); build one with "
+                       "`recipes/predict.py index`")
+
+
+def chromium_driver():
+    """Headless Chromium through selenium: Debian's chromium + chromium-driver (which .ci/run installs)."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    driver_path, browser = shutil.which("chromedriver"), shutil.which("chromium") or shutil.which("chromium-browser")
+    if not (driver_path and browser):
+        if os.environ.get("REQUIRE_BROWSER"):
+            pytest.fail("chromium and chromedriver are not installed (apt-get install chromium chromium-driver)")
+        pytest.skip("no chromium/chromedriver on this machine")
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,1600"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_path), options=options)
+
+
+@pytest.mark.slow
+def test_the_search_page_in_a_real_browser(model_dir, photos, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    index_dir = tmp_path / "photos.index"
+    predict(["index", "--model", str(model_dir), "--source", str(photos), "--index", str(index_dir)])
+    server = subprocess.Popen([sys.executable, PREDICT, "serve", "--index", str(index_dir), "--port", "0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    browser = None
+    try:
+        line = server.stdout.readline()
+        assert line.startswith("search page: http://127.0.0.1:"), line + server.stderr.read()
+        url = line.split()[2]
+        browser = chromium_driver()
+        browser.get(url)
+        box = browser.find_element(By.NAME, "q")
+        box.clear()
+        box.send_keys("蓝色的正方形")
+        browser.find_element(By.NAME, "k").clear()
+        browser.find_element(By.NAME, "k").send_keys("5")
+        browser.find_element(By.ID, "search").click()
+        WebDriverWait(browser, 30).until(expected_conditions.presence_of_all_elements_located((By.CSS_SELECTOR, "figure.hit")))
+        figures = browser.find_elements(By.CSS_SELECTOR, "figure.hit")
+        shown = [(f.get_attribute("data-key"), float(f.find_element(By.CLASS_NAME, "score").text)) for f in figures]
+
+        predictor = load_model(model_dir)
+        expected = ImageIndex.open(index_dir).search(predictor.encode_texts("蓝色的正方形")[0], k=5)
+        assert [key for key, _ in shown] == [hit.key for hit in expected]
+        assert [score for _, score in shown] == pytest.approx([hit.score for hit in expected], abs=1e-4)
+        loaded = browser.execute_script(
+            "return Array.from(document.querySelectorAll('figure.hit img')).map(i => i.complete && i.naturalWidth > 0)")
+        assert loaded == [True] * 5  # every image was served and decoded by the browser
+        assert browser.find_element(By.NAME, "q").get_attribute("value") == "蓝色的正方形"
+
+        # image to image: upload an indexed photo, it comes back first
+        browser.find_element(By.NAME, "image").send_keys(str(photos / "more" / "shape7.png"))
+        browser.find_element(By.ID, "search-image").click()
+        WebDriverWait(browser, 30).until(lambda b: b.find_elements(By.CSS_SELECTOR, "figure.hit")
+                                         and b.find_elements(By.CSS_SELECTOR, "figure.hit")[0].get_attribute("data-key")
+                                         == "more/shape7.png")
+        top = browser.find_elements(By.CSS_SELECTOR, "figure.hit")[0]
+        assert float(top.find_element(By.CLASS_NAME, "score").text) == pytest.approx(1.0, abs=2e-3)
+    finally:
+        if browser is not None:
+            browser.quit()
+        server.terminate()
+        server.wait(timeout=30)
