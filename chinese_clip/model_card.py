@@ -166,7 +166,7 @@ from transformers import ChineseCLIPModel, ChineseCLIPProcessor
 model = ChineseCLIPModel.from_pretrained("path/to/this/directory").eval()
 processor = ChineseCLIPProcessor.from_pretrained("path/to/this/directory")
 labels = ["猫", "狗", "汽车"]
-inputs = processor(text=labels, images=Image.open("cat.jpg"), padding=True, return_tensors="pt")
+inputs = processor(text=labels, images=Image.open("cat.jpg"), padding=True, truncation=True, return_tensors="pt")
 with torch.no_grad():
     probs = model(**inputs).logits_per_image.softmax(dim=-1)
 ```
