@@ -59,12 +59,11 @@ class Predictor:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     @torch.no_grad()
-    def encode_images(self, images: ImageInput | Sequence[ImageInput], num_workers: int | None = None) -> torch.Tensor:
-        """[N, D]. Files are read and decoded in `num_workers` DataLoader workers (default: the
-        predictor's); an unreadable one is a ValueError naming it."""
-        images = _as_list(images, (str, Path, bytes, Image.Image))
+    def encode_images(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
+        """[N, D]. Files are read and decoded in the predictor's DataLoader workers; an unreadable one is a
+        ValueError naming it."""
         items = []
-        for image in images:
+        for image in _as_list(images, (str, Path, bytes, Image.Image)):
             if isinstance(image, (str, Path)):
                 image = Path(image)
                 if not image.is_file():
@@ -72,17 +71,20 @@ class Predictor:
             items.append(image)
         if not items:
             return torch.empty(0, self.dim)
-        names = [str(image) if isinstance(image, Path) else f"image {i}" for i, image in enumerate(items)]
         with self._autocast():
-            return encode_images(self.model, StoredImages(items, names, self.transform), self.collator, self.device,
-                                 self.batch_size, self.num_workers if num_workers is None else num_workers).cpu()
+            return encode_images(self.model, self._stored(items), self.collator, self.device, self.batch_size,
+                                 self.num_workers).cpu()
+
+    def _stored(self, images: list) -> StoredImages:
+        """`images` as evaluation loads them, each named by its file or its place in the list."""
+        names = [str(image) if isinstance(image, Path) else f"image {i}" for i, image in enumerate(images)]
+        return StoredImages(images, names, self.transform)
 
     @torch.no_grad()
     def encode_readable(self, images: Sequence[Path | bytes]) -> tuple[torch.Tensor, list[str]]:
         """([N, D], errors): like encode_images, but an image that does not decode gets a row of NaN and
         its error in the list instead of stopping the batch (an index of a user's folder skips it)."""
-        stored = StoredImages(list(images), [str(image) if isinstance(image, Path) else f"image {i}"
-                                             for i, image in enumerate(images)], self.transform)
+        stored = self._stored(list(images))
         errors: list[str] = []
 
         def collate(samples: list[tuple]) -> tuple[torch.Tensor | None, torch.Tensor, list[str]]:

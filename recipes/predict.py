@@ -26,18 +26,19 @@ import sys
 from pathlib import Path
 
 from chinese_clip.config import ConfigError
-from chinese_clip.data.readers import IMAGE_SUFFIXES
+from chinese_clip.data.readers import image_files
 from chinese_clip.inference import Predictor, load_model
 from chinese_clip.search.app import SearchService, make_server
-from chinese_clip.search.index import INDEX_FILE, ImageIndex, SearchIndexError, model_stamp
+from chinese_clip.search.index import INDEX_FILE, ImageIndex
 from chinese_clip.search.page import gallery
 
 
-def image_files(paths: list[str]) -> list[Path]:
+def images_named(paths: list[str]) -> list[Path]:
+    """The files given, and the images in the folders given."""
     files = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            found = image_files(path)
             if not found:
                 raise FileNotFoundError(f"{path}: no images in this folder")
             files += found
@@ -60,7 +61,7 @@ def read_labels(args: argparse.Namespace) -> list[str]:
 
 def classify(args: argparse.Namespace) -> list[dict]:
     predictor = load_model(args.model, batch_size=args.batch_size, num_workers=args.num_workers)
-    files, labels = image_files(args.images), read_labels(args)
+    files, labels = images_named(args.images), read_labels(args)
     probabilities = predictor.probabilities(predictor.encode_images(files),
                                             predictor.classifier(labels, args.template or args.templates))
     top = min(args.top_k, len(labels))
@@ -94,9 +95,7 @@ def open_index(args: argparse.Namespace) -> tuple[ImageIndex, Predictor]:
     model = args.model or index.meta["model"]["path"]
     if not Path(model).exists():
         raise FileNotFoundError(f"{model}: the model the index was built with is not there; give --model")
-    if model_stamp(model) != index.meta["model"]:
-        raise SearchIndexError(f"{args.index} was built with {index.meta['model']['path']} as it was then; "
-                               f"{model} differs: rebuild the index (`predict.py index --rebuild`)")
+    index.check_model(model)
     return index, load_model(model, batch_size=args.batch_size, num_workers=0)
 
 

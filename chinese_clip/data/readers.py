@@ -38,6 +38,11 @@ UNDECODED = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, kept by 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 
+def image_files(directory: Path) -> list[Path]:
+    """The image files in `directory` and its sub-folders, sorted by path (by extension; not opened)."""
+    return sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
 @dataclass
 class Part:
     """Input `index` of `count` (build_shards --part I/N): the source's units (its files, or its rows
@@ -208,7 +213,7 @@ def read_cn_clip_lmdb(directory: Path, part: Part) -> Iterator[RawPair]:
 
 
 def read_image_folder(directory: Path, part: Part) -> Iterator[RawPair]:
-    for file in part.files(sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)):
+    for file in part.files(image_files(directory)):
         key = str(file.relative_to(directory))
         caption_file = file.with_suffix(".txt")
         if not caption_file.is_file():

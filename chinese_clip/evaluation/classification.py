@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from chinese_clip.data.collate import ImageTextCollator
-from chinese_clip.data.readers import IMAGE_SUFFIXES
+from chinese_clip.data.readers import image_files
 from chinese_clip.data.transforms import eval_transform
 from chinese_clip.evaluation.features import StoredImages, encode_images, evaluating
 from chinese_clip.evaluation.zeroshot import class_embeddings
@@ -107,7 +107,7 @@ def read_labelled_folder(directory: str | Path, labels: str | Path | None = None
         raise ValueError(f"{directory} has {len(folders)} class folders but {origin} names {len(names)} classes")
     files, labels = [], []
     for label, folder in enumerate(folders):
-        images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        images = image_files(folder)
         files += images
         labels += [label] * len(images)
     if not files:

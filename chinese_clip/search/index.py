@@ -28,7 +28,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from chinese_clip.data.images import to_rgb
-from chinese_clip.data.readers import IMAGE_SUFFIXES
+from chinese_clip.data.readers import IMAGE_SUFFIXES, image_files
 from chinese_clip.data.storage import open_binary
 from chinese_clip.data.stream import shard_files
 from chinese_clip.evaluation.retrieval_set import is_shard_path
@@ -81,7 +81,7 @@ class ImageIndex:
         meta = index.directory / INDEX_FILE
         if not meta.is_file():
             raise SearchIndexError(f"{index.directory}: not an image index (no {INDEX_FILE}); build one with "
-                              "`recipes/predict.py index`")
+                                   "`recipes/predict.py index`")
         index.meta = json.loads(meta.read_text(encoding="utf-8"))
         index._read_parts()
         return index
@@ -125,6 +125,14 @@ class ImageIndex:
             (self.parts / f"{number}.safetensors").unlink(missing_ok=True)
         self._read_parts()
 
+    def check_model(self, model_path: str | Path) -> None:
+        """Features of another model (or of the same path's weights since retrained) mean nothing here."""
+        stamp = model_stamp(model_path)
+        if self.meta["model"] != stamp:
+            raise SearchIndexError(f"{self.directory} was built with {self.meta['model']['path']} as it was then; "
+                                   f"{stamp['path']} differs: rebuild the index (`predict.py index --rebuild`) or "
+                                   "index into another directory")
+
     # -- building -------------------------------------------------------------------------------------
     def build(self, source: str, predictor: Predictor, model_path: str | Path, say=print) -> dict:
         """Index `source` (an image folder, or our shards) with `predictor`, keeping what is already indexed
@@ -133,12 +141,10 @@ class ImageIndex:
         meta_file = self.directory / INDEX_FILE
         if meta_file.is_file():
             self.meta = json.loads(meta_file.read_text(encoding="utf-8"))
-            if self.meta["model"] != stamp:
-                raise SearchIndexError(f"{self.directory} was built with {self.meta['model']['path']} (as it was then); "
-                                  f"rebuild it for {stamp['path']} with --rebuild, or index into another directory")
+            self.check_model(model_path)
             if self.meta["source"] != source:
                 raise SearchIndexError(f"{self.directory} indexes {self.meta['source']}, not {source}; "
-                                  "give each source its own index")
+                                       "give each source its own index")
             self._read_parts()
         self.directory.mkdir(parents=True, exist_ok=True)
         self.meta = {"format": 1, "source": source, "kind": "shards" if is_shard_path(source) else "folder",
@@ -179,7 +185,7 @@ class ImageIndex:
         folder = Path(source)
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder}: no such folder (expected a folder of images, or our .parquet shards)")
-        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        files = image_files(folder)
         if not files:
             raise ValueError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in it or its sub-folders")
         for file in files:
