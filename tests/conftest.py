@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import runpy
 import signal
 import socket
 import subprocess
@@ -32,6 +33,7 @@ from chinese_clip.data.readers import RawPair
 from chinese_clip.data.shards import build_shards
 from chinese_clip.data.synthetic import SyntheticShapes, class_name
 from chinese_clip.runtime import available_cores
+from tests.tolerances import REPEATED, SCORES
 
 ROOT = Path(__file__).resolve().parents[1]
 # pytest-xdist runs test files side by side: each test process, and every command it launches (they
@@ -54,6 +56,71 @@ ENGINES = {  # `accelerate launch` flags for two CPU ranks under each engine
 TINY = ModelConfig(embed_dim=16, vision=VisionConfig(image_size=32, patch_size=8, width=32, layers=2, heads=2),
                    text=TextConfig(hidden_size=32, layers=2, heads=2, intermediate_size=64, max_position_embeddings=64,
                                    dropout=0.0))
+
+
+# -- the order xdist hands out test files in -----------------------------------------------------------
+# The files that take minutes first, longest first: xdist gives each worker a whole file at a time in
+# this order (pyproject.toml: --dist loadfile --no-loadscope-reorder), so the short files then fill in
+# whichever worker is free and both end together. Seconds per file measured on 2 cores, 2 workers
+# (2026-12-08); every file not named takes under 25 s.
+LONGEST_FILES = [
+    "test_default_run.py",  # 453
+    "test_train.py",  # 452
+    "test_staged.py",  # 365
+    "test_eval_in_training.py",  # 129
+    "test_gradient_cache.py",  # 120
+    "test_finetune.py",  # 117
+    "test_model.py",  # 91
+    "test_losses.py",  # 64
+]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: index for index, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FILES)))  # stable: a file keeps its order
+
+
+# -- every test leaves its process as it found it ------------------------------------------------------
+# Tests share xdist's worker processes, so whatever one leaves behind reaches the tests after it in an
+# order that depends on the machine: a leftover ACCELERATE_USE_DEEPSPEED turns the next in-process launch
+# into DeepSpeed; Accelerate's state, once made, refuses another mixed precision.
+IMPORT_SIDE_EFFECTS = {  # set once, by importing a library, whichever test imports it first
+    "PYTORCH_NVML_BASED_CUDA_CHECK",  # deepspeed
+    "TOKENIZERS_PARALLELISM",  # open_clip
+    "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR",  # torch.compile, at its first compile in the process
+    "PYTEST_CURRENT_TEST",  # pytest's own
+}
+
+
+def process_state() -> dict:
+    from accelerate.state import PartialState
+
+    return {"environment": {k: v for k, v in os.environ.items() if k not in IMPORT_SIDE_EFFECTS},
+            "working directory": os.getcwd(), "torch threads": torch.get_num_threads(),
+            "default dtype": torch.get_default_dtype(), "autograd enabled": torch.is_grad_enabled(),
+            "Accelerate state": bool(PartialState._shared_state), "process group": dist.is_initialized()}
+
+
+@pytest.fixture(autouse=True)
+def restores_the_process_state():
+    before = process_state()
+    yield
+    after = process_state()
+    changed = {key: (before[key], after[key]) for key in before if after[key] != before[key]}
+    if "environment" in changed:
+        old, new = changed["environment"]
+        changed["environment"] = {k: (old.get(k), new.get(k)) for k in old.keys() | new.keys() if old.get(k) != new.get(k)}
+    assert not changed, f"the test left its process changed: {changed}"
+
+
+@pytest.fixture
+def cpu_accelerator():
+    """Accelerate on this process's CPU, its global state cleared afterwards."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    yield Accelerator(cpu=True)
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture
@@ -86,6 +153,34 @@ def run_ok(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
     result = run(cmd, **kwargs)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
+
+
+@pytest.fixture
+def in_process(capsys):
+    """A recipe's or data tool's main() called in this process as its command line would call it, for
+    what stops before anything trains (a launch would add nothing but seconds of imports). Returns what
+    `run` returns; torch's threads and Accelerate's state, which a recipe sets for its process, are put
+    back afterwards."""
+    from accelerate.state import AcceleratorState
+
+    threads = torch.get_num_threads()
+
+    def call(script: str, *args: str) -> subprocess.CompletedProcess:
+        main = runpy.run_path(script)["main"]
+        capsys.readouterr()  # what the test printed before is not the command's
+        code = 0
+        try:
+            main(list(args))
+        except SystemExit as stop:  # as the interpreter ends on it: a message goes to stderr, with status 1
+            code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+            if isinstance(stop.code, str):
+                print(stop.code, file=sys.stderr)
+        printed = capsys.readouterr()
+        return subprocess.CompletedProcess([script, *args], code, printed.out, printed.err)
+
+    yield call
+    torch.set_num_threads(threads)
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def error_lines(result: subprocess.CompletedProcess) -> list[str]:
@@ -123,7 +218,8 @@ def assert_same_weights(ours: dict[str, torch.Tensor], reference: dict[str, torc
 
 
 def assert_same_results(ours, reference, where: str = "results") -> None:
-    """Evaluation results (nested dicts and lists) alike: numbers to 1e-6, everything else exactly."""
+    """Evaluation results (nested dicts and lists) alike: scores to tolerances.SCORES, everything else
+    exactly."""
     if isinstance(reference, dict):
         assert isinstance(ours, dict) and ours.keys() == reference.keys(), where
         for key in reference:
@@ -133,7 +229,7 @@ def assert_same_results(ours, reference, where: str = "results") -> None:
         for index, (a, b) in enumerate(zip(ours, reference)):
             assert_same_results(a, b, f"{where}[{index}]")
     elif isinstance(reference, float):
-        assert ours == pytest.approx(reference, abs=1e-6), where
+        assert ours == pytest.approx(reference, abs=SCORES), where
     else:
         assert ours == reference, where
 
@@ -231,10 +327,11 @@ def staged(run_dir, batch, engine=None, *overrides):
                    f"run.output_dir={run_dir}", *overrides, engine=engine)
 
 
-def check_resumed_run_matches(resumed: Path, reference: Path, atol: float = 1e-5) -> None:
+def check_resumed_run_matches(resumed: Path, reference: Path, atol: float = REPEATED) -> None:
     """The same weights and the same loss at every step as `reference`, a run never interrupted. When
-    that ran on the same ranks, also the same evaluations (those made before a kill travel in the
-    checkpoints); on other ranks, each rank draws its own masks and dropout: 1e-4 is the match there."""
+    that ran on the same ranks (atol REPEATED), also the same evaluations (those made before a kill
+    travel in the checkpoints); a reference on other ranks (one process) sums in another order: atol
+    TRAINING."""
     assert_same_weights(final_weights(resumed), final_weights(reference), atol=atol)
     last = lambda run: max(m["step"] for m in metrics(run))  # noqa: E731
     assert last(resumed) == last(reference) == 16
@@ -244,7 +341,7 @@ def check_resumed_run_matches(resumed: Path, reference: Path, atol: float = 1e-5
         assert abs(by_step(resumed)[step] - loss) <= atol, step
     resumed_results, results = (json.loads((run / "eval.json").read_text()) for run in (resumed, reference))
     assert list(resumed_results["during"]) == list(results["during"]) == ["6", "12"]
-    if atol <= 1e-5:
+    if atol == REPEATED:
         assert_same_results(resumed_results, results)
 
 

@@ -12,6 +12,7 @@ from chinese_clip.data.readers import read_pairs
 from chinese_clip.data.shards import build_shards
 from tests.conftest import (CONFIGS, EVALUATE, PRETRAIN, assert_same_results, command, final_weights, metrics, model_weights,
                             run_ok, write_class_folder, write_retrieval_set)
+from tests.tolerances import SCORES
 from tests.test_train import SHORT
 
 STEPS = ["train.steps=12", "checkpoint.every_steps=6", "eval.every_steps=6", "eval.at_start=true",
@@ -46,7 +47,7 @@ def trained(request, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_the_recipe_scores_the_saved_model_as_the_run_did(trained):
+def test_the_recipe_scores_the_saved_model_as_the_run_did(trained, in_process):
     root, overrides, _ = trained
     run_dir = root / "run"
     results = json.loads((run_dir / "eval.json").read_text())
@@ -57,13 +58,14 @@ def test_the_recipe_scores_the_saved_model_as_the_run_did(trained):
 
     sets = next(o for o in overrides if o.startswith("eval.sets="))
     out = root / "recipe"
-    run_ok(command(EVALUATE, "--model", str(run_dir / "model"), "--config", str(CONFIGS / "tiny_synthetic.yaml"),
-                   sets, "--out", str(out), "--batch-size", "16"))  # the config's context length, 32
+    result = in_process(EVALUATE, "--model", str(run_dir / "model"), "--config", str(CONFIGS / "tiny_synthetic.yaml"),
+                        sets, "--out", str(out), "--batch-size", "16")  # the config's context length, 32
+    assert result.returncode == 0, result.stderr[-3000:]
     recipe = json.loads((out / "results.json").read_text())["results"]
     for name in ("MUGE", "pairs", "shapes"):
         ours, theirs = recipe[name], results["after"][name]
         for key in {"text_to_image", "image_to_text", "mean_recall", "top1", "top5", "per_class_top1"} & set(theirs):
-            assert ours[key] == pytest.approx(theirs[key], abs=1e-6), (name, key)
+            assert ours[key] == pytest.approx(theirs[key], abs=SCORES), (name, key)
         assert ours["images"] == theirs["images"] > 10, name
 
 
@@ -89,6 +91,10 @@ def test_the_best_weights_are_kept_and_a_resumed_run_keeps_the_same_best(trained
             assert (best_weights[name] == value).all(), name
 
     # The run stopped after its step-6 checkpoint: it resumes there, and ends as the run that did not stop.
+    # (What a checkpoint keeps of the evaluations and the best does not depend on the engine: FSDP's
+    # resume stands for both.)
+    if engine != "fsdp":
+        return
     resumed = tmp_path / "run"
     shutil.copytree(run_dir, resumed)
     for later in ("checkpoints/step_12", "model", "eval.json"):

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from chinese_clip import convert
 from chinese_clip.checkpoints import load_pretrained
 from tests.conftest import (CONFIGS, FINETUNE, PRETRAIN, ROOT, assert_same_weights, cn_clip_checkpoint, command, final_weights,
-                            losses, metrics, run, run_ok)
+                            losses, metrics, run_ok)
+from tests.tolerances import TRAINING
 
 QUICK = ["data.num_workers=0", "data.synthetic.val_size=256", "eval.batch_size=128", "train.log_every=10"]
 
@@ -27,7 +28,7 @@ def test_finetuning_a_cn_clip_checkpoint_on_two_zero2_processes_improves_it(tmp_
 
     scores = json.loads((run_dir / "eval.json").read_text())
     before, after = scores["before"]["val"]["top1"], scores["after"]["val"]["top1"]
-    assert after >= before + 15, (before, after)
+    assert after >= before + 15, (before, after)  # measured: 2.7% -> 24.2% (chance: 4.2%)
 
     # the run is the checkpoint's architecture and starts from its weights; the text stage leaves
     # the image tower as released, bit for bit
@@ -56,8 +57,8 @@ def test_fsdp_fine_tunes_as_one_process_does(tmp_path):
         run_ok(command(FINETUNE, "--pretrained", str(pretrained), f"run.output_dir={tmp_path / name}",
                        f"data.batch_size={batch}", *short, engine=engine))
     one, fsdp = tmp_path / "one", tmp_path / "fsdp"
-    assert len(losses(fsdp)) == 8 and max(abs(a - b) for a, b in zip(losses(fsdp), losses(one))) < 1e-4
-    assert_same_weights(final_weights(fsdp), final_weights(one), atol=1e-4)
+    assert len(losses(fsdp)) == 8 and max(abs(a - b) for a, b in zip(losses(fsdp), losses(one))) <= TRAINING
+    assert_same_weights(final_weights(fsdp), final_weights(one), atol=TRAINING)
     # Adam's two moments and weight decay's start for every trained value, held once across the ranks
     # (shards padded to the world size)
     held = [{m["step"]: m["stage/optimizer_state_values"] for m in metrics(run) if "stage/optimizer_state_values" in m}
@@ -66,16 +67,16 @@ def test_fsdp_fine_tunes_as_one_process_does(tmp_path):
         assert held[0][step] <= held[1][step] <= held[0][step] + 3 * 2 * len(final_weights(one)), (step, held)
 
 
-def test_a_missing_or_broken_pretrained_model_is_one_line(tmp_path):
+def test_a_missing_or_broken_pretrained_model_is_one_line(tmp_path, in_process):
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
     for path, message in [(tmp_path / "missing.pt", "no such file or directory"),
                           (tmp_path / "broken.pt", "not a readable PyTorch checkpoint")]:
-        result = run(command(FINETUNE, "--pretrained", str(path), f"run.output_dir={tmp_path / 'run'}"))
+        result = in_process(FINETUNE, "--pretrained", str(path), f"run.output_dir={tmp_path / 'run'}")
         assert result.returncode == 2
         assert result.stderr.strip().splitlines()[-1].startswith(f"error: init.pretrained: {path}: {message}"), result.stderr
 
 
-def test_pretraining_starts_its_towers_from_timm_and_hf_bert_files(tmp_path):
+def test_pretraining_starts_its_towers_from_timm_and_hf_bert_files(tmp_path, in_process):
     """init.vision and init.text through recipes/pretrain.py: the run's starting weights are the files'."""
     from safetensors.torch import save_file
     from transformers import BertConfig, BertModel
@@ -92,9 +93,10 @@ def test_pretraining_starts_its_towers_from_timm_and_hf_bert_files(tmp_path):
                                 num_attention_heads=t.heads, intermediate_size=t.intermediate_size,
                                 max_position_embeddings=t.max_position_embeddings))
     bert.save_pretrained(tmp_path / "bert")
-    result = run_ok(command(PRETRAIN, "train.steps=2", f"init.vision={tmp_path / 'vit.safetensors'}",
-                            f"init.text={tmp_path / 'bert'}", f"run.output_dir={tmp_path / 'run'}", "eval.at_start=false",
-                            "eval.at_end=false", "data.batch_size=8", *QUICK))
+    result = in_process(PRETRAIN, "train.steps=2", f"init.vision={tmp_path / 'vit.safetensors'}",
+                        f"init.text={tmp_path / 'bert'}", f"run.output_dir={tmp_path / 'run'}", "eval.at_start=false",
+                        "eval.at_end=false", "data.batch_size=8", *QUICK)
+    assert result.returncode == 0, result.stderr[-3000:]
     assert "(not used: head.weight (an image classifier, not a CLIP projection))" in result.stdout
     start = load_file(tmp_path / "run" / "stages" / "0-train.safetensors")
     assert all(torch.equal(start[f"visual.{name}"], value) for name, value in vision.items())
@@ -103,7 +105,7 @@ def test_pretraining_starts_its_towers_from_timm_and_hf_bert_files(tmp_path):
     assert "(not used: pooler.dense.bias, pooler.dense.weight)" in result.stdout  # CLIP reads [CLS], not the pooler
 
 
-def test_the_muge_preset_fine_tunes_a_cn_clip_checkpoint_on_shards_of_chinese_clips_layout(tmp_path):
+def test_the_muge_preset_fine_tunes_a_cn_clip_checkpoint_on_shards_of_chinese_clips_layout(tmp_path, in_process):
     """The preset as shipped, on a tiny generated dataset in MUGE's layout (several images per query)
     turned into shards, shortened to 3 steps: the data path a user runs, end to end."""
     import base64
@@ -122,8 +124,8 @@ def test_the_muge_preset_fine_tunes_a_cn_clip_checkpoint_on_shards_of_chinese_cl
     for kind in ("imgs.tsv", "texts.jsonl"):  # the valid split the preset evaluates: the same pairs, here
         shutil.copy(raw / f"train_{kind}", raw / f"valid_{kind}")
     shards = tmp_path / "shards"
-    build = run_ok(command(str(ROOT / "data_tools" / "build_shards.py"), str(raw), "--out", str(shards),
-                           "--rows-per-shard", "6", "--workers", "1"))
+    build = in_process(str(ROOT / "data_tools" / "build_shards.py"), str(raw), "--out", str(shards),
+                       "--rows-per-shard", "6", "--workers", "1")
     assert "written to shards                       24" in build.stdout, build.stdout
     run_dir = tmp_path / "run"
     run_ok(command(FINETUNE, "--pretrained", str(cn_clip_checkpoint(tmp_path / "tiny.pt")),

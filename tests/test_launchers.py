@@ -30,6 +30,9 @@ def test_launchers_parse_and_point_at_existing_deepspeed_configs(path):
 
 @pytest.mark.parametrize("path", [p for p in LAUNCHERS if "fsdp" in p.stem], ids=lambda p: p.stem)
 def test_fsdp_launchers_ask_for_fsdp2_as_the_engine_reads_it(path, monkeypatch):
+    # Accelerate refuses to prepare a main node whose port (29500 in multinode_fsdp.yaml) is taken on
+    # this host: that asks the machine, not the YAML, and failed whenever another test's process held it.
+    monkeypatch.setattr("accelerate.utils.launch.is_port_in_use", lambda port: False)
     for key, value in prepare_multi_gpu_env(_launch_args(path)).items():
         if key.startswith(("FSDP_", "ACCELERATE_USE_")):
             monkeypatch.setenv(key, value)

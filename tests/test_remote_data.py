@@ -68,9 +68,9 @@ def test_a_run_trains_on_shards_and_tars_mixed_straight_from_s3(s3, tmp_path):
     assert SECRET not in result.stdout + result.stderr
 
 
-def test_a_missing_object_stops_the_run_at_start_up_with_one_line(s3, tmp_path):
-    result = run(command(PRETRAIN, *on_shards("unused", workers=1),
-                         "data.shards=[{path: 's3://data/tars/{00000..00009}.tar'}]", f"run.output_dir={tmp_path}"))
+def test_a_missing_object_stops_the_run_at_start_up_with_one_line(s3, tmp_path, in_process):
+    result = in_process(PRETRAIN, *on_shards("unused", workers=1),
+                        "data.shards=[{path: 's3://data/tars/{00000..00009}.tar'}]", f"run.output_dir={tmp_path}")
     assert result.returncode != 0
     assert error_lines(result) == ["error: data.shards: s3://data/tars/00004.tar: no such file or object "
                                    "(and 5 more of the list)"]
@@ -89,10 +89,10 @@ def test_an_evaluation_set_of_shards_on_s3_is_read_like_a_local_one(s3, tmp_path
     assert remote == local and len(remote.texts) > 32
 
 
-def test_the_evaluation_recipe_scores_a_set_on_s3(s3, tmp_path):
+def test_the_evaluation_recipe_scores_a_set_on_s3(s3, tmp_path, in_process):
     save_pretrained(ChineseCLIP(TINY).state_dict(), Config(model=TINY), tmp_path / "model")
-    result = run(command(EVALUATE, "--model", str(tmp_path / "model"), "--retrieval", "s3://data/shards",
-                         "--out", str(tmp_path / "out"), "--batch-size", "16"))
+    result = in_process(EVALUATE, "--model", str(tmp_path / "model"), "--retrieval", "s3://data/shards",
+                        "--out", str(tmp_path / "out"), "--batch-size", "16")
     assert result.returncode == 0, result.stderr[-2000:]
     scores = json.loads((tmp_path / "out" / "results.json").read_text())["results"]["shards"]
     assert scores["images"] == 64 and SECRET not in result.stdout + result.stderr

@@ -12,6 +12,7 @@ from chinese_clip.evaluation.retrieval_set import read_retrieval_set, retrieval_
 from chinese_clip.model import ChineseCLIP
 from chinese_clip.tokenizer import load_tokenizer
 from tests.conftest import TINY, run_on_cpu_ranks, write_retrieval_set
+from tests.tolerances import FEATURES
 
 def features(root):
     torch.manual_seed(0)
@@ -27,7 +28,7 @@ def test_two_ranks_compute_the_same_features_in_the_same_order_as_one_process(tm
     texts, images = features(root)
     assert texts.shape == (7, 16) and images.shape == (5, 16)
     for rank_texts, rank_images in run_on_cpu_ranks(features, root):
-        assert torch.allclose(rank_texts, texts, atol=1e-5) and torch.allclose(rank_images, images, atol=1e-5)
+        assert torch.allclose(rank_texts, texts, atol=FEATURES) and torch.allclose(rank_images, images, atol=FEATURES)
     data = read_retrieval_set(root, "valid")
     assert data.text_to_images[6] == [1, 2] and data.image_ids[0] == "100"
 

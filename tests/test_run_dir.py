@@ -7,7 +7,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from accelerate import Accelerator
 
 from chinese_clip.config import ConfigError, load_config
 from chinese_clip.engine.ddp import DataParallel
@@ -18,10 +17,8 @@ from tests.conftest import CONFIGS, ROOT
 
 
 @pytest.fixture
-def accelerator():
-    acc = Accelerator(cpu=True)
-    yield acc
-    acc.free_memory()
+def accelerator(cpu_accelerator):
+    return cpu_accelerator
 
 
 def engine_writing(accelerator, write=None):

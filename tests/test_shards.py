@@ -25,7 +25,7 @@ from chinese_clip.data.readers import Part, read_pairs
 from chinese_clip.data.shards import build_shards, check_parts
 from chinese_clip.data.stream import open_sources, shard_files
 from data_tools.build_shards import main as build_shards_cli
-from tests.conftest import ROOT, command, run, run_ok, write_tars
+from tests.conftest import ROOT, write_tars
 
 GOOD_CAPTION = "一只橘色的猫趴在窗台上"
 
@@ -156,11 +156,12 @@ def test_chinese_clip_layouts_and_image_folders_are_read(tmp_path):
         ("a.jpg", "一只猫", None), ("b.png", None, "no caption file b.txt")]
 
 
-def test_the_tool_prints_a_summary_and_names_a_missing_source(csv_dataset, tmp_path):
+def test_the_tool_prints_a_summary_and_names_a_missing_source(csv_dataset, tmp_path, in_process):
     tool = str(ROOT / "data_tools" / "build_shards.py")
-    result = run_ok(command(tool, str(csv_dataset), "--out", str(tmp_path / "s"), "--workers", "1"))
+    result = in_process(tool, str(csv_dataset), "--out", str(tmp_path / "s"), "--workers", "1")
+    assert result.returncode == 0, result.stderr
     assert "inputs" in result.stdout and "quarantined" in result.stdout and "too small" in result.stdout
-    result = run(command(tool, str(tmp_path / "nowhere"), "--out", str(tmp_path / "s")))
+    result = in_process(tool, str(tmp_path / "nowhere"), "--out", str(tmp_path / "s"))
     assert result.returncode == 1 and result.stderr.strip() == f"error: {tmp_path / 'nowhere'}: no such file or directory"
 
 
@@ -259,7 +260,8 @@ def _quarantined(shard_dir: Path) -> list[str]:
                   for line in file.read_text(encoding="utf-8").splitlines())
 
 
-def test_a_build_split_into_parts_writes_what_one_build_writes_and_the_check_adds_the_parts_up(csv_dataset, tmp_path):
+def test_a_build_split_into_parts_writes_what_one_build_writes_and_the_check_adds_the_parts_up(csv_dataset, tmp_path,
+                                                                                                   in_process):
     tars = write_tars(tmp_path / "tars", pairs=10, per_tar=2, image_size=32)  # 5 tars split by file
     for source in (csv_dataset, tars):  # one table: split by row
         whole = build_shards_cli([str(source), "--out", str(tmp_path / "whole" / source.name), "--workers", "1", "--rows-per-shard", "2"])
@@ -292,7 +294,7 @@ def test_a_build_split_into_parts_writes_what_one_build_writes_and_the_check_add
         check_parts(parts)
     with pytest.raises(ConfigError, match=r"part 2/3 of the build is missing; run build_shards --part 2/3"):
         shard_files(str(parts))
-    result = run(command(str(ROOT / "data_tools" / "build_shards.py"), "--check", str(parts)))
+    result = in_process(str(ROOT / "data_tools" / "build_shards.py"), "--check", str(parts))
     assert result.returncode == 1 and result.stderr.strip() == f"error: {parts}: part 2/3 is missing"
 
 

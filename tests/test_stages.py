@@ -6,7 +6,7 @@ import pytest
 from chinese_clip.config import ConfigError, ParamRule, StageConfig, load_config
 from chinese_clip.model import ChineseCLIP
 from chinese_clip.stages import freeze, plan_stages, resolve_lr_scales, stage_lr_scales, stage_rules, summary
-from tests.conftest import CONFIGS, FINETUNE, command, error_lines, run
+from tests.conftest import CONFIGS, FINETUNE, error_lines
 
 NAMES = ["logit_scale", "logit_bias", "visual.cls_token", "visual.blocks.0.attn.qkv.weight",
          "visual.blocks.1.attn.qkv.weight", "visual.blocks.11.mlp.fc1.weight", "visual_projection.weight",
@@ -85,7 +85,7 @@ def test_layer_decay_scales_each_block_by_its_depth_and_multiplies_the_rules(tin
         list(layout), stage_rules(StageConfig(name="s", steps=1), "clip"), "s")
 
 
-def test_layer_decay_without_the_layers_of_a_tower_stops_at_start_up(tiny_model_cfg, tmp_path):
+def test_layer_decay_without_the_layers_of_a_tower_stops_at_start_up(tiny_model_cfg, tmp_path, in_process):
     """The layout comes from the modules; a tower without blocks gives layer decay nothing to go by,
     and the run says so before training, instead of training that tower at x 1."""
     tiny_model_cfg.text.layers = 0
@@ -94,8 +94,8 @@ def test_layer_decay_without_the_layers_of_a_tower_stops_at_start_up(tiny_model_
     with pytest.raises(ConfigError, match="stage 'full': layer_decay needs the blocks of both towers, and the text "
                                           "tower has none"):
         stage_lr_scales(layout, StageConfig(name="full", steps=1, layer_decay=0.75), "clip", "full")
-    result = run(command(FINETUNE, "--pretrained", str(_saved(tmp_path)), "stages.1.layer_decay=0.5",
-                         f"run.output_dir={tmp_path / 'run'}", "data.num_workers=0"))
+    result = in_process(FINETUNE, "--pretrained", str(_saved(tmp_path)), "stages.1.layer_decay=0.5",
+                        f"run.output_dir={tmp_path / 'run'}", "data.num_workers=0")
     assert result.returncode == 2 and error_lines(result) == [
         "error: stage 'full': layer_decay needs the blocks of both towers, and the text tower has none"], result.stderr[-2000:]
     assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -1,23 +1,17 @@
-"""End-to-end runs of recipes/pretrain.py: one process, and 2 CPU processes (gloo) under every engine."""
+"""End-to-end runs of recipes/pretrain.py: one process, and 2 CPU processes (gloo) under every engine
+(the default run: tests/test_default_run.py)."""
 import json
-import os
-import sys
 
 import pytest
 import torch
 
-from chinese_clip.runtime import available_cores
 from tests.conftest import (PRETRAIN, assert_same_weights, command, error_lines, final_weights, losses, metrics,
                             run, run_ok)
+from tests.tolerances import SCORES, TRAINING
 
 # A few steps of the tiny model; warmup short enough that the lr is not ~0 on the compared steps.
 SHORT = ["train.steps=6", "train.log_every=1", "optim.warmup_steps=2", "data.num_workers=0",
          "data.synthetic.val_size=48", "eval.at_start=false", "eval.batch_size=16"]
-
-
-def launch_one_process(script: str, *args: str) -> list[str]:
-    """`accelerate launch script args` as a user types it: no flags, no Accelerate config."""
-    return [sys.executable, "-m", "accelerate.commands.launch", script, *args]
 
 
 def pretrain(run_dir, overrides, engine=None) -> list[str]:
@@ -47,18 +41,16 @@ def test_a_run_leaves_everything_a_user_needs(single_process_run):
 FSDP_OPTIONS = ["--use_fsdp", "--fsdp_version", "2", "--fsdp_offload_params", "true",
                 "--fsdp_reshard_after_forward", "false"]
 TWO_RANKS = {  # launch, and the per-rank micro-batch, gradient cache and options that make the global batch 32
-    # DDP and ZeRO-3 reproduce one process through a staged run (tests/test_staged.py); torch's fused
-    # AdamW (optim.fused, on by default on GPUs) steps ZeRO's fp32 partitions and FSDP's sharded parameters
+    # DDP and ZeRO-3 reproduce one process through a staged run (tests/test_staged.py, DDP with activation
+    # checkpointing); torch's fused AdamW (optim.fused, on by default on GPUs) steps ZeRO's fp32
+    # partitions and FSDP's sharded parameters
     "zero2: fused AdamW": ("zero2", ["data.batch_size=16", "optim.fused=true"]),
-    "fsdp: fused AdamW": ("fsdp", ["data.batch_size=16", "optim.fused=true"]),
     # FSDP's options that change where values live and when they are computed, not what they are; and
     # compiled blocks (train.compile) under FSDP and ZeRO-3, whose hooks gather parameters around them
-    "fsdp: gradient cache, offload, no reshard, activation checkpointing, compile":
+    "fsdp: fused AdamW, gradient cache, offload, no reshard, activation checkpointing, compile":
         (FSDP_OPTIONS, ["data.batch_size=8", "train.accum_freq=2", "model.grad_checkpointing=true",
-                        "train.compile=true"]),
+                        "train.compile=true", "optim.fused=true"]),
     "zero3: compile": ("zero3", ["data.batch_size=16", "train.compile=true"]),
-    "ddp: compile, activation checkpointing": ("ddp", ["data.batch_size=16", "train.compile=true",
-                                                       "model.grad_checkpointing=true"]),
 }
 
 
@@ -66,28 +58,32 @@ TWO_RANKS = {  # launch, and the per-rank micro-batch, gradient cache and option
 @pytest.mark.parametrize("variant", TWO_RANKS)
 def test_two_processes_match_one_process(single_process_run, tmp_path, variant):
     """Same global batch (2 x 16, or 2 x 2 micro-batches of 8, vs 1 x 32), seed and data: the same
-    losses step for step and the same weights."""
+    losses step for step and the same weights. After six steps the class scores of an image still lie
+    close together, closer than the two runs' features differ: one of the 48 images may change its top
+    class."""
     reference_dir, _ = single_process_run
     engine, overrides = TWO_RANKS[variant]
     run_ok(pretrain(tmp_path, SHORT + overrides, engine))
     ours, reference = losses(tmp_path), losses(reference_dir)
     assert len(ours) == len(reference) == 6
-    assert max(abs(a - b) for a, b in zip(ours, reference)) < 1e-4, (ours, reference)
+    assert max(abs(a - b) for a, b in zip(ours, reference)) <= TRAINING, (ours, reference)
     after = json.loads((tmp_path / "eval.json").read_text())["after"]
     expected = json.loads((reference_dir / "eval.json").read_text())["after"]
-    assert after["val"]["images"] == 48 and after["val"]["top1"] == expected["val"]["top1"]
-    assert_same_weights(final_weights(tmp_path), final_weights(reference_dir), atol=1e-4)
+    assert after["val"]["images"] == 48 and abs(after["val"]["top1"] - expected["val"]["top1"]) <= 100 / 48 + SCORES
+    assert_same_weights(final_weights(tmp_path), final_weights(reference_dir), atol=TRAINING)
 
 
 @pytest.mark.slow
 def test_fsdp_in_bf16_computes_in_bf16_and_keeps_fp32_weights(single_process_run, tmp_path):
     """train.mixed_precision=bf16 (what `auto` picks on GPUs): units are gathered and run in bf16,
     gradients reduced and the update made on the fp32 shards; the saved weights are those fp32
-    values, not bf16 roundings of them."""
+    values, not bf16 roundings of them. bf16 keeps 8 significant bits: a loss near 3.5 rounds in steps
+    of 0.016, and the losses of the two runs were 0.019 apart, their weights 0.006; 0.1 and 0.05 are
+    the bf16 run staying with the fp32 one, not an equality."""
     reference_dir, _ = single_process_run
     run_ok(pretrain(tmp_path, SHORT + ["data.batch_size=16", "train.mixed_precision=bf16"], "fsdp"))
     ours, reference = losses(tmp_path), losses(reference_dir)
-    assert ours != reference and max(abs(a - b) for a, b in zip(ours, reference)) < 0.05, (ours, reference)
+    assert ours != reference and max(abs(a - b) for a, b in zip(ours, reference)) < 0.1, (ours, reference)
     weights = final_weights(tmp_path)
     assert {w.dtype for w in weights.values()} == {torch.float32}
     trained = weights["text.encoder.layer.0.output.dense.weight"]
@@ -106,37 +102,13 @@ def test_a_deepspeed_config_that_contradicts_the_run_config_stops_with_one_line(
 
 
 @pytest.mark.slow
-def test_the_default_run_learns(tmp_path):
-    """The README's command, `accelerate launch recipes/pretrain.py` with no config arguments: the
-    product's first impression (on this test process's share of the cores: tests/conftest.py)."""
-    run_ok(launch_one_process(PRETRAIN, f"run.output_dir={tmp_path}"))
-    results = json.loads((tmp_path / "eval.json").read_text())
-    chance = 100 / results["after"]["val"]["classes"]
-    assert results["before"]["val"]["top1"] < 2.5 * chance
-    assert results["after"]["val"]["top1"] >= 50
-
-
-@pytest.mark.parametrize("omp_num_threads, expected", [
-    (None, f"{available_cores()} cpu threads per process ({available_cores()} cores / 1 local processes)"),
-    ("1", "1 cpu threads per process (OMP_NUM_THREADS)"),
-])
-def test_accelerate_launch_uses_every_core_unless_the_user_chose(tmp_path, omp_num_threads, expected):
-    """Without a choice, the README's `accelerate launch` trains on every core (Accelerate alone would
-    give it one thread); OMP_NUM_THREADS set for the launch is the user's choice and is kept."""
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    if omp_num_threads is not None:
-        env["OMP_NUM_THREADS"] = omp_num_threads
-    result = run_ok(launch_one_process(PRETRAIN, "train.steps=1", "eval.at_start=false", "eval.at_end=false",
-                                       f"run.output_dir={tmp_path}"), env=env)
-    assert expected in result.stdout
-
-
-@pytest.mark.slow
 def test_siglip_and_the_triplet_term_learn(tmp_path):
-    """A short run (global batch 64, 300 steps) of SigLIP with the triplet term (InfoNCE learns in the
+    """A short run (global batch 64, 200 steps) of SigLIP with the triplet term (InfoNCE learns in the
     default run): the loss falls, zero-shot top-1 on held-out images ends well above chance, and the
-    loss parts are logged separately."""
-    run_ok(pretrain(tmp_path, ["train.steps=300", "train.log_every=1", "data.batch_size=64", "optim.warmup_steps=30",
+    loss parts are logged separately. (Measured: the loss falls from 15.9 to 4.7, top-1 reaches 22-32%
+    at step 200, by the thread count, against the 12.5% asked for; it crosses 12.5% between steps 100
+    and 150.)"""
+    run_ok(pretrain(tmp_path, ["train.steps=200", "train.log_every=1", "data.batch_size=64", "optim.warmup_steps=30",
                                "eval.at_start=false", "data.synthetic.val_size=256", "data.num_workers=0",
                                "loss.name=siglip", "loss.triplet_alpha=0.5"]))
     curve = losses(tmp_path)

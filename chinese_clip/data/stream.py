@@ -30,14 +30,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from itertools import accumulate, islice
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
-import datasets
 import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from chinese_clip.config import ConfigError, DataConfig
@@ -48,9 +46,10 @@ from chinese_clip.data.storage import file_name, full_path, list_files, open_bin
 from chinese_clip.data.tars import tar_samples
 from chinese_clip.data.transforms import UnusableSample, build_transform, decode, seeded
 
+if TYPE_CHECKING:
+    import datasets
+
 COLUMNS = ["id", "caption", "image"]
-TAR_FEATURES = datasets.Features({"id": datasets.Value("string"), "caption": datasets.Value("string"),
-                                  "image": datasets.Value("binary"), "problem": datasets.Value("string")})
 _SHARD_NAME = re.compile(r"shard-(\d{5})\.parquet")
 
 
@@ -202,6 +201,8 @@ class ShardStream(IterableDataset):
 
     def __init__(self, sources: list[ShardSource], cfg: DataConfig, collate, image_size: int, batch_size: int, *,
                  rank: int, world_size: int, seed: int, start: dict[str, dict]):
+        import datasets  # here, not at the top: with pandas under it, a second of every command's start-up
+
         datasets.disable_progress_bars()
         self.sources, self.collate, self.batch_size = sources, collate, batch_size
         self.rank, self.seed, self.start = rank, seed, start
@@ -215,8 +216,13 @@ class ShardStream(IterableDataset):
         """This rank's rows of one source, shuffled. Built inside each dataloader worker: datasets keeps
         an IterableDataset's epoch in shared memory, so workers iterating one object built before the
         fork would change each other's epoch (and so their shuffles) as each crossed into the next."""
+        import datasets
+        from datasets.distributed import split_dataset_by_node
+
         if source.kind == "tar":
-            rows = datasets.IterableDataset.from_generator(_tar_rows, features=TAR_FEATURES,
+            features = datasets.Features({"id": datasets.Value("string"), "caption": datasets.Value("string"),
+                                          "image": datasets.Value("binary"), "problem": datasets.Value("string")})
+            rows = datasets.IterableDataset.from_generator(_tar_rows, features=features,
                                                            gen_kwargs={"files": list(source.files)})
         else:
             rows = datasets.IterableDataset.from_generator(_shard_rows, gen_kwargs={"files": list(source.files)})
