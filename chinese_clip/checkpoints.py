@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import checkpoint_filter_fn
 
@@ -42,7 +43,10 @@ def write_weights(weights: dict[str, torch.Tensor], path: Path, metadata: dict[s
 
 
 def read_weights(path: Path, names: list[str] | None = None) -> dict[str, torch.Tensor]:
-    weights = load_file(str(path))
+    try:
+        weights = load_file(str(path))
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
     return weights if names is None else {name: weights[name] for name in names}
 
 
@@ -68,7 +72,7 @@ def load_pretrained(path: str | Path, model_name: str | None = None) -> ChineseC
         cfg = load_config(path / CONFIG_FILE).model
         weights = read_weights(_require(path, WEIGHTS_FILE))
         if convert.is_hf_layout(weights):  # else our own names, as model directories were first written
-            weights = convert.from_hf(weights)
+            weights = _from_hf(weights, path / WEIGHTS_FILE)
         return model_from_weights(cfg, weights, path / WEIGHTS_FILE)
     if (path / HF_CONFIG_FILE).is_file():
         return _load_hf(path)
@@ -82,7 +86,7 @@ def _require(directory: Path, name: str) -> Path:
     return directory / name
 
 
-def _torch_load(path: Path) -> dict:
+def _torch_load(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
@@ -90,18 +94,32 @@ def _torch_load(path: Path) -> dict:
                          f"{str(e).splitlines()[0]}") from None
 
 
+def _state_dict(checkpoint: object, path: Path, keys: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """The tensors by name in `checkpoint`, or in its entry under the first of `keys` it has; what else it
+    holds (an epoch, an optimizer's settings) is left out, and a missing tensor is the caller's to name."""
+    weights = checkpoint
+    if isinstance(checkpoint, dict):
+        weights = next((checkpoint[key] for key in keys if key in checkpoint), checkpoint)
+    if not isinstance(weights, dict):
+        under = f" (or a dict holding one under {' or '.join(keys)})" if keys else ""
+        raise ValueError(f"{path}: not a model checkpoint: expected a dict of tensors by name{under}, "
+                         f"got {type(weights).__name__}")
+    return {name: value for name, value in weights.items() if isinstance(name, str) and isinstance(value, torch.Tensor)}
+
+
 def _load_cn_clip(path: Path, model_name: str | None) -> ChineseCLIP:
     checkpoint = _torch_load(path)
-    weights = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(weights, dict):
-        raise ValueError(f"{path}: expected a Chinese-CLIP checkpoint, a dict with a state_dict; got {type(checkpoint).__name__}")
-    weights = {name.removeprefix("module."): value for name, value in weights.items()}
+    weights = {name.removeprefix("module."): value for name, value in _state_dict(checkpoint, path, ("state_dict",)).items()}
     missing = [name for name in convert.CN_CLIP_REQUIRED if name not in weights]
     if missing:
         hint = " (a ResNet vision tower? only ViTs are supported)" if "visual.attnpool.c_proj.weight" in weights else ""
         raise ValueError(f"{path}: not a Chinese-CLIP ViT checkpoint{hint}: no {', '.join(missing)}")
     info = checkpoint.get("model_info")  # written by export_cn_clip: the exact head counts
-    heads = (info["vision_width"] // info["vision_head_width"], info["text_num_attention_heads"]) if info else None
+    try:
+        heads = (info["vision_width"] // info["vision_head_width"], info["text_num_attention_heads"]) if info else None
+    except (KeyError, TypeError, ZeroDivisionError):
+        raise ValueError(f"{path}: its model_info is not a cn_clip model config (vision_width, vision_head_width, "
+                         "text_num_attention_heads)") from None
     cfg = convert.cn_clip_model_config(weights, convert.cn_clip_named_heads(model_name) if model_name else heads)
     model = ChineseCLIP(cfg)
     return model_from_weights(cfg, convert.from_cn_clip(weights, model.visual), path, model)
@@ -117,8 +135,14 @@ def _load_hf(path: Path) -> ChineseCLIP:
     files = [path / name for name in HF_WEIGHTS_FILES if (path / name).is_file()]
     if not files:
         raise ValueError(f"{path}: no weights; expected {' or '.join(HF_WEIGHTS_FILES)} beside {HF_CONFIG_FILE}")
-    weights = read_weights(files[0]) if files[0].suffix == ".safetensors" else _torch_load(files[0])
-    return model_from_weights(convert.hf_model_config(config), convert.from_hf(weights), files[0])
+    weights = read_weights(files[0]) if files[0].suffix == ".safetensors" else _state_dict(_torch_load(files[0]), files[0])
+    return model_from_weights(convert.hf_model_config(config), _from_hf(weights, files[0]), files[0])
+
+
+def _from_hf(weights: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
+    if missing := [name for name in convert.HF_REQUIRED if name not in weights]:
+        raise ValueError(f"{source}: not ChineseCLIPModel weights: no {', '.join(missing)}")
+    return convert.from_hf(weights)
 
 
 def model_from_weights(cfg: ModelConfig, weights: dict[str, torch.Tensor], source: Path,
@@ -276,8 +300,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         return read_weights(path)
     if zipfile.is_zipfile(path) and any(name.endswith("constants.pkl") for name in zipfile.ZipFile(path).namelist()):
         return torch.jit.load(str(path), map_location="cpu").state_dict()  # OpenAI's released CLIP files are TorchScript
-    checkpoint = _torch_load(path)
-    return checkpoint.get("state_dict", checkpoint.get("model", checkpoint))
+    return _state_dict(_torch_load(path), path, ("state_dict", "model"))
 
 
 def _check_into(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], source: Path, prefix: str) -> None:

@@ -17,6 +17,8 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from chinese_clip.redact import redact
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -366,7 +368,9 @@ def to_dict(cfg: Any) -> dict:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
+    """config.yaml, with the credentials in URLs redacted: it is shared and published. Nothing that needs the
+    real URLs reads it back (a resumed run takes its config from the command line)."""
+    Path(path).write_text(yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False, allow_unicode=True))
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

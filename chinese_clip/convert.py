@@ -227,6 +227,9 @@ def to_hf(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: value.contiguous() for name, value in out.items()}
 
 
+HF_REQUIRED = ("visual_projection.weight", "text_projection.weight", "logit_scale")  # what from_hf reads by name
+
+
 def from_hf(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """HF ChineseCLIPModel names -> ours: `to_hf` read backwards, q/k/v packed again."""
     top = {theirs: ours for ours, theirs in _HF_VIT_TOP.items()}

@@ -15,6 +15,7 @@ from chinese_clip.engine import build_engine
 from chinese_clip.evaluation.synthetic import SYNTHETIC_SETS, synthetic_evaluator
 from chinese_clip.evaluation.tasks import read_sets, sets_evaluator
 from chinese_clip.model import ChineseCLIP
+from chinese_clip.redact import redact_url
 from chinese_clip.run_dir import RunDir, RunDirError
 from chinese_clip.runtime import (build_accelerator, exit_with_launcher, run_dir_of, set_cpu_threads,
                                    speed_summary)
@@ -35,8 +36,9 @@ def train(config: str, overrides: list[str]) -> dict:
         engine = build_engine(accelerator, cfg)
         # A pretrained model's file is read here: its architecture becomes cfg.model.
         init_weights = prepare_init(cfg, accelerator.print, accelerator.is_main_process)
-        # Every shard is looked at now: a missing one is an error before training, not hours in.
-        sources = open_sources(cfg.data, accelerator.num_processes, accelerator.print) \
+        # Every shard is looked at now: a missing one is an error before training, not hours in. Its lines
+        # name the URLs, whose credentials must not reach the job's log.
+        sources = open_sources(cfg.data, accelerator.num_processes, lambda line: accelerator.print(redact_url(line))) \
             if cfg.data.source == "shards" else None
         # So is every evaluation set, label list and template file, read once for every evaluation of the run.
         eval_sets = read_sets(cfg.eval.sets, cfg.eval.best_metric,
@@ -85,7 +87,7 @@ def train(config: str, overrides: list[str]) -> dict:
     except ConfigError as e:
         fail(e)
     except DataError as e:  # one rank's data: say so from that rank; the launcher stops the others
-        print(f"error on rank {rank}: {e}", file=sys.stderr)
+        print(f"error on rank {rank}: {redact_url(str(e))}", file=sys.stderr)
         sys.exit(3)
     except RunDirError as e:  # said by the rank whose write failed; the launcher stops the others
         print(f"error on rank {rank}: {e}", file=sys.stderr)
@@ -95,5 +97,5 @@ def train(config: str, overrides: list[str]) -> dict:
 
 def fail(error: ConfigError) -> None:
     if os.environ.get("RANK", "0") == "0":  # every rank sees the same config: one saying so is enough
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {redact_url(str(error))}", file=sys.stderr)  # it may name a data URL
     sys.exit(2)

@@ -10,6 +10,7 @@ import torch
 from chinese_clip.config import Config
 from chinese_clip.evaluation.tasks import scalar_metrics
 from chinese_clip.model import ChineseCLIP, ParamPlace
+from chinese_clip.redact import redact_url
 from chinese_clip.stages import Stage, stage_lr_scales, tower_counts
 
 CARD_FILE = "README.md"
@@ -97,7 +98,7 @@ def training(cfg: Config, plan: list[Stage], step: int | None) -> str:
     if cfg.data.source == "synthetic":
         data = "the recipe's embedded synthetic Chinese image-text pairs (`data.source: synthetic`)"
     else:
-        data = ", ".join(f"`{source.path}` (weight {source.weight:g})" for source in cfg.data.shards)
+        data = ", ".join(f"`{redact_url(source.path)}` (weight {source.weight:g})" for source in cfg.data.shards)
     layout, sizes = parameters(cfg)
     rows = ["| stage | steps | samples | global batch | mask ratio | lr | what trains |", "|---|---|---|---|---|---|---|"]
     samples = 0

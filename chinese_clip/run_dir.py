@@ -36,6 +36,7 @@ from chinese_clip.config import Config, ConfigError, flatten, load_config, save_
 from chinese_clip.engine import Engine, consolidate_checkpoint
 from chinese_clip.model import ChineseCLIP
 from chinese_clip.model_card import write_model_card
+from chinese_clip.redact import redact
 from chinese_clip.stages import Stage, plan_stages
 from chinese_clip.tokenizer import ChineseTokenizer
 
@@ -108,7 +109,8 @@ class RunDir:
                 kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= resumed_step]
                 metrics.write_text("".join(line + "\n" for line in kept))
         self.accelerator.wait_for_everyone()
-        hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(to_dict(cfg)).items()}
+        hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                   for k, v in flatten(redact(to_dict(cfg))).items()}  # trackers upload them
         self.accelerator.init_trackers(cfg.run.name, config=hparams)
 
     # -- logs, weights, results --------------------------------------------------------------------

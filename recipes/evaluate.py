@@ -41,6 +41,7 @@ from chinese_clip.config import Config, ConfigError, EvalSetConfig, TrainConfig,
 from chinese_clip.data.loaders import build_collator
 from chinese_clip.evaluation.retrieval_set import is_shard_path
 from chinese_clip.evaluation.tasks import evaluate_set, markdown_table, read_sets
+from chinese_clip.redact import redact_url
 from chinese_clip.runtime import build_accelerator, eval_autocast, set_cpu_threads
 from chinese_clip.tokenizer import load_tokenizer
 
@@ -85,8 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error("name at least one evaluation set (--config, --retrieval or --classification)")
         sets = read_sets(configured)  # each read once, here
         model = load_pretrained(args.model, args.model_name)
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {redact_url(str(e))}")  # it may name a set's URL
     threads = set_cpu_threads(cfg.train.cpu_threads)  # `accelerate launch` alone would give it one
     accelerator = build_accelerator(TrainConfig(), args.out)
     model = model.to(accelerator.device)
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
                 results[name] = evaluate_set(model, evaluated, collator, accelerator.device, batch_size, features,
                                              num_workers)
         except (FileNotFoundError, ValueError) as e:  # an image that does not decode shows only now
-            sys.exit(f"error: {name}: {e}")
+            sys.exit(f"error: {name}: {redact_url(str(e))}")
         if results[name].get("empty_classes"):
             accelerator.print(f"{name}: classes without images (candidates only): "
                               f"{', '.join(results[name]['empty_classes'])}")

@@ -21,7 +21,6 @@ of `--token`, HF_TOKEN or `huggingface-cli login`; without one it stops before e
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from chinese_clip.checkpoints import EXPORT_FORMATS, export, load_for_export, pr
 from chinese_clip.config import ConfigError
 from chinese_clip.hub import hub_token, push_to_hub
 from chinese_clip.model_card import CARD_FILE, write_model_card
+from chinese_clip.redact import redact_url
 from chinese_clip.run_dir import STATE_FILE, checkpoint_model, complete_checkpoints, write_checkpoint_card
 from chinese_clip.tokenizer import load_tokenizer
 
@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--model-name", help="a Chinese-CLIP architecture for a .pt source (ViT-B-16, ViT-H-14, ...)")
     parser.add_argument("--push-to-hub", metavar="REPO", help="upload the export to this Hub model repository (user/name)")
     parser.add_argument("--private", action="store_true", help="create the Hub repository private")
-    parser.add_argument("--token", help="a Hugging Face token (default: HF_TOKEN, else the saved login)")
+    parser.add_argument("--token", help="a Hugging Face token (default: HF_TOKEN, else the saved login; prefer "
+                                        "those: a token given here shows in ps and the shell's history)")
     args = parser.parse_args(argv)
 
     # 1. what to export: a run's newest complete checkpoint, a checkpoint, or a model
@@ -67,7 +68,9 @@ def main(argv: list[str] | None = None) -> Path:
             if is_checkpoint:
                 write_checkpoint_card(source, cfg, out)
             elif (source / CARD_FILE).is_file():
-                shutil.copyfile(source / CARD_FILE, out / CARD_FILE)
+                # redacted on the way: a card written by an older version may name a URL with its credentials
+                card = redact_url((source / CARD_FILE).read_text(encoding="utf-8"))
+                (out / CARD_FILE).write_text(card, encoding="utf-8")
             else:
                 write_model_card(out, cfg, source=str(args.source))
         print(f"exported {source} to {out} ({args.format})")

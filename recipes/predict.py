@@ -4,7 +4,7 @@
     python recipes/predict.py index --model runs/<name>/model --source photos/ --index photos.index
     python recipes/predict.py search --index photos.index 海边的日落 [--top-k 10] [--out hits.json] [--html hits.html]
     python recipes/predict.py search --index photos.index --image query.jpg       # image-to-image
-    python recipes/predict.py serve --index photos.index [--port 8000]            # the search page
+    python recipes/predict.py serve --index photos.index [--port 8000] [--allow-host NAME]  # the search page
 
 --model takes anything `load_pretrained` reads: a run's model/ or best/, an export, an HF
 ChineseCLIPModel directory or a Chinese-CLIP .pt. `classify` takes image files and folders (searched
@@ -21,15 +21,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
+from urllib.parse import quote
 
 from chinese_clip.config import ConfigError
 from chinese_clip.data.readers import image_files
 from chinese_clip.inference import Predictor, load_model
 from chinese_clip.search.app import SearchService, make_server
-from chinese_clip.search.index import INDEX_FILE, ImageIndex
+from chinese_clip.search.index import ImageIndex, check_apart, remove_index
 from chinese_clip.search.page import gallery
 
 
@@ -81,8 +81,9 @@ def classify(args: argparse.Namespace) -> list[dict]:
 
 def build_index(args: argparse.Namespace) -> dict:
     index_dir = Path(args.index)
-    if args.rebuild and (index_dir / INDEX_FILE).is_file():
-        shutil.rmtree(index_dir)
+    check_apart(index_dir, args.source)
+    if args.rebuild:
+        remove_index(index_dir)
     predictor = load_model(args.model, batch_size=args.batch_size, num_workers=args.num_workers)
     counts = ImageIndex(index_dir).build(args.source, predictor, args.model)
     print(f"index {index_dir}: {counts['images']} images ({counts['added']} added, {counts['kept']} kept, "
@@ -113,14 +114,14 @@ def search(args: argparse.Namespace) -> list[dict]:
         write(args.out, json.dumps({"query": query, "index": args.index, "results": results}, indent=2, ensure_ascii=False))
     if args.html:
         html_dir = Path(args.html).resolve().parent  # images linked relative to the page, which can then move with them
-        write(args.html, gallery(query, hits, lambda hit: Path(os.path.relpath(Path(hit.image).resolve(), html_dir))
-                                 .as_posix()))
+        write(args.html, gallery(query, hits, lambda hit: quote(Path(os.path.relpath(Path(hit.image).resolve(), html_dir))
+                                                                .as_posix())))
     return results
 
 
 def serve(args: argparse.Namespace) -> None:
     index, predictor = open_index(args)
-    server = make_server(SearchService(index, predictor), args.host, args.port)
+    server = make_server(SearchService(index, predictor), args.host, args.port, args.allow_host)
     host, port = server.server_address[:2]
     print(f"search page: http://{host}:{port}/ ({len(index.items)} images; Ctrl-C stops)", flush=True)
     try:
@@ -179,6 +180,9 @@ def parser() -> argparse.ArgumentParser:
     sub.add_argument("--model", help="default: the model the index was built with")
     sub.add_argument("--host", default="127.0.0.1")
     sub.add_argument("--port", type=int, default=8000, help="0 picks a free one")
+    sub.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                     help="a host name users reach the server by (besides --host, localhost and IP addresses); "
+                          "requests naming any other host are refused (DNS rebinding)")
     return main_parser
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import io
 import json
 import os
@@ -11,12 +12,15 @@ import re
 import runpy
 import signal
 import socket
+import struct
 import subprocess
 import tarfile
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
+from typing import Iterator
 
 import psutil
 import pyarrow as pa
@@ -25,6 +29,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from PIL import Image
 
 from chinese_clip.checkpoints import load_pretrained
 from chinese_clip.config import ModelConfig, TextConfig, VisionConfig
@@ -452,3 +457,39 @@ def write_class_folder(root: Path, per_class=(3, 2, 0)) -> Path:
         names.append(class_name(label))
     (root / "label_cn.txt").write_text("\n".join(names) + "\n", encoding="utf-8")
     return root / "test"
+
+
+# -- hostile inputs -------------------------------------------------------------------------------
+@functools.cache
+def decompression_bomb(side: int = 20000) -> bytes:
+    """A valid PNG of side x side black pixels, 1 bit each: 48 KB on disk for 20000, and the 1.2 GB RGB
+    tensor a decoder allocates for it (measured: torchvision's decode_image peaked 1146 MiB higher)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    pixels = zlib.compress(b"\x00" * (side // 8 + 1) * side, 9)  # each row: filter byte 0, then side bits
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
+
+
+def animated(fmt: str = "GIF", colours=((220, 30, 30), (30, 30, 220)), size: int = 48) -> bytes:
+    """An animation of one frame per colour: torchvision decodes a GIF to [frames, 3, H, W] and refuses
+    an animated WebP."""
+    frames = [Image.new("RGB", (size, size), colour) for colour in colours]
+    out = io.BytesIO()
+    frames[0].save(out, format=fmt, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return out.getvalue()
+
+
+@contextlib.contextmanager
+def peak_memory_growth() -> Iterator[dict]:
+    """{"MiB": how far this process's peak resident memory rose inside the block}. Linux resets the peak
+    (VmHWM) on writing 5 to /proc/self/clear_refs, so the figure is the block's own."""
+    def status(field: str) -> int:
+        line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
+        return int(line.split()[1]) // 1024
+    Path("/proc/self/clear_refs").write_text("5")
+    before, grown = status("VmRSS:"), {}
+    try:
+        yield grown
+    finally:
+        grown["MiB"] = status("VmHWM:") - before

@@ -1,6 +1,8 @@
 """Released-checkpoint formats in and out, each against the other implementation's own model:
 cn_clip's `CLIP` for Chinese-CLIP `.pt` files, transformers' `ChineseCLIPModel` for HF directories."""
 import dataclasses
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,11 +14,12 @@ from safetensors.torch import save_file
 from transformers import ChineseCLIPConfig, ChineseCLIPModel, ChineseCLIPProcessor
 
 from chinese_clip import convert
-from chinese_clip.checkpoints import (export_cn_clip, export_hf, init_text_tower, init_vision_tower, load_pretrained,
-                                      save_pretrained)
+from chinese_clip.checkpoints import (export_cn_clip, export_hf, init_text_tower, init_vision_tower, load_for_export,
+                                      load_pretrained, save_pretrained)
 from chinese_clip.config import CLIP_STD, Config, ModelConfig, TextConfig, VisionConfig, save_config
 from chinese_clip.model import ChineseCLIP
 from chinese_clip.tokenizer import load_tokenizer
+from tests.conftest import EVALUATE, ROOT, write_retrieval_set
 from tests.tolerances import FEATURES
 
 TEXTS = ["一只橘色的猫", "红色的三角形在蓝色背景上", "A photo of 长城 2024!", ""]
@@ -218,6 +221,53 @@ def test_bad_files_get_one_line_naming_the_file_and_what_was_expected(cn_clip_mo
         load_pretrained(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="missing.pt: no such file"):
         load_pretrained(tmp_path / "missing.pt")
+
+
+def broken_model_dir(path: Path, weights: bytes) -> Path:
+    """A model directory of ours whose model.safetensors holds `weights` (not a safetensors file)."""
+    path.mkdir()
+    save_config(Config(model=OURS), path / "config.yaml")
+    (path / "model.safetensors").write_bytes(weights)
+    return path
+
+
+def test_corrupt_weights_and_pt_files_that_hold_no_checkpoint_get_one_line(cn_clip_model, tmp_path):
+    readable = r"model.safetensors: not a readable safetensors file \(truncated or corrupt\?\): [^\n]*$"
+    with pytest.raises(ValueError, match=f"ours/{readable}"):
+        load_pretrained(broken_model_dir(tmp_path / "ours", bytes(range(256)) * 4))
+    hf = tmp_path / "hf"
+    ChineseCLIPModel(ChineseCLIPConfig(**TINY_HF)).save_pretrained(hf)
+    whole = (hf / "model.safetensors").read_bytes()
+    (hf / "model.safetensors").write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(ValueError, match=f"hf/{readable}"):
+        load_for_export(hf)
+
+    for name, content, problem in [
+            ("int_keys.pt", {101: 1}, "not a Chinese-CLIP ViT checkpoint: no visual.class_embedding"),
+            ("tensor.pt", torch.zeros(3), r"not a model checkpoint: expected a dict of tensors by name \(or a dict "
+                                          r"holding one under state_dict\), got Tensor$"),
+            ("info.pt", {"state_dict": cn_clip_model.state_dict(), "model_info": {"vision_width": 128}},
+             r"its model_info is not a cn_clip model config \(vision_width, ")]:
+        torch.save(content, tmp_path / name)
+        with pytest.raises(ValueError, match=f"{name}: {problem}"):
+            load_pretrained(tmp_path / name)
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "pytorch_model.bin").write_bytes((tmp_path / "int_keys.pt").read_bytes())
+    (tmp_path / "bert" / "config.json").write_text(json.dumps(TINY_HF))
+    with pytest.raises(ValueError, match="pytorch_model.bin: not ChineseCLIPModel weights: no visual_projection.weight, "
+                                         "text_projection.weight, logit_scale$"):
+        load_pretrained(tmp_path / "bert")
+
+
+def test_the_recipes_say_a_model_is_broken_in_one_line(tmp_path, in_process):
+    broken = broken_model_dir(tmp_path / "broken", b"\x08" + bytes(100))
+    result = in_process(str(ROOT / "recipes" / "predict.py"), "classify", "--model", str(broken), str(tmp_path),
+                        "--labels", "猫,狗")
+    one_line = f"error: {broken / 'model.safetensors'}: not a readable safetensors file (truncated or corrupt?): "
+    assert result.returncode == 1 and result.stderr.startswith(one_line) and result.stderr.count("\n") == 1
+    result = in_process(EVALUATE, "--model", str(broken), "--retrieval", str(write_retrieval_set(tmp_path / "MUGE")),
+                        "--out", str(tmp_path / "out"))
+    assert result.returncode == 1 and result.stderr.startswith(one_line) and result.stderr.count("\n") == 1
 
 
 def test_a_bert_wider_than_its_config_is_named(tmp_path):

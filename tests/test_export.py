@@ -78,3 +78,21 @@ def test_push_to_hub_without_a_token_stops_before_exporting(model_dir, tmp_path,
     assert str(stop.value) == ("error: pushing to the Hugging Face Hub needs a token: log in with `huggingface-cli login` "
                                "(or `hf auth login`), set HF_TOKEN, or pass --token")
     assert not (tmp_path / "export").exists() and RecordingApi.calls == []
+
+
+def test_push_to_hub_uploads_no_credentials_of_urls(model_dir, tmp_path, monkeypatch, no_saved_login):
+    # a model directory written before URLs were redacted: its card and config.yaml name the data with its password
+    url = "https://alice:hunter2@data.example.com/laion/x.tar?X-Amz-Signature=0a1b2c3d"
+    config = yaml.safe_load((model_dir / "config.yaml").read_text())
+    config["data"] |= {"source": "shards", "shards": [{"path": url, "weight": 1.0}]}
+    (model_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    (model_dir / "README.md").write_text(f"Data: `{url}` (weight 1).\n", encoding="utf-8")
+    monkeypatch.setattr(hub, "HfApi", RecordingApi)
+    monkeypatch.setattr(RecordingApi, "calls", [])
+    monkeypatch.setenv("HF_TOKEN", "hf_from_the_environment")
+    out = export_main()([str(model_dir), "--out", str(tmp_path / "export"), "--push-to-hub", "me/tiny-clip-zh"])
+    assert RecordingApi.calls[1][:3] == ("upload_folder", "me/tiny-clip-zh", str(out))
+    uploaded = {path.name: path.read_bytes() for path in out.iterdir()}
+    assert [name for name, content in uploaded.items() if b"hunter2" in content or b"0a1b2c3d" in content] == []
+    card = uploaded["README.md"].decode()
+    assert "Data: `https://***@data.example.com/laion/x.tar?X-Amz-Signature=***` (weight 1)." in card

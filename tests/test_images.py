@@ -1,4 +1,4 @@
-"""decode_image on the inputs web data really holds: each broken one refused with its reason,
+"""decode_image (and training's decode) on the inputs web data really holds: each broken one refused with its reason,
 each odd one normalised to 8-bit RGB with the pixels a viewer would show."""
 import io
 import struct
@@ -9,6 +9,8 @@ import pytest
 from PIL import Image
 
 from chinese_clip.data.images import BadImage, ImageRules, decode_image, encode_jpeg
+from chinese_clip.data.transforms import UnusableSample, decode
+from tests.conftest import animated, decompression_bomb, peak_memory_growth
 
 
 def encoded(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -73,3 +75,24 @@ def test_large_images_shrink_to_the_short_side_and_round_trip_as_jpeg():
     again = decode_image(encode_jpeg(image))
     assert again.size == (200, 100) and again.mode == "RGB"
     assert decode_image(encoded(photo((90, 60)), "PNG"), ImageRules(max_short_side=100)).size == (90, 60)
+
+
+def test_a_decompression_bomb_is_refused_from_its_header_before_any_pixel_is_decoded():
+    """Both decoders (PIL for build_shards, torchvision for training, evaluation, the index and the search
+    server) ask the header first: a 48 KB PNG that decodes to 1.2 GB costs what its header does."""
+    bomb = decompression_bomb()
+    with peak_memory_growth() as grown:
+        with pytest.raises(BadImage, match="decompression bomb"):
+            decode_image(bomb)
+        with pytest.raises(UnusableSample, match="decompression bomb"):
+            decode(bomb)
+    assert grown["MiB"] < 64, grown  # decoding it took 1146 MiB; the refusal reads 48 KB
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP"])
+def test_an_animation_decodes_to_its_first_frame(fmt):
+    data = animated(fmt)
+    pixels = decode(data)
+    assert pixels.shape == (3, 48, 48)
+    assert pixels[:, 24, 24].tolist() == pytest.approx([220, 30, 30], abs=8)  # GIF's palette, WebP's lossy colour
+    assert decode_image(data).getpixel((24, 24)) == tuple(pixels[:, 24, 24].tolist())

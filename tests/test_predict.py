@@ -2,14 +2,18 @@
 classification and search, the incremental index, and the search page driven in a real headless Chromium."""
 from __future__ import annotations
 
+import html
 import json
 import math
 import os
 import runpy
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 import torch
@@ -21,9 +25,10 @@ from chinese_clip.data.synthetic import SyntheticShapes
 from chinese_clip.inference import load_model
 from chinese_clip.model import ChineseCLIP
 from chinese_clip.search import index as search_index
-from chinese_clip.search.index import ImageIndex, SearchIndexError
+from chinese_clip.search.app import SearchService, _handler, make_server
+from chinese_clip.search.index import ImageIndex, SearchIndexError, remove_index
 from chinese_clip.tokenizer import load_tokenizer
-from tests.conftest import ROOT, TINY, write_shards
+from tests.conftest import ROOT, TINY, animated, decompression_bomb, peak_memory_growth, write_shards
 from tests.tolerances import FEATURES
 
 PREDICT = str(ROOT / "recipes" / "predict.py")
@@ -102,7 +107,7 @@ def test_the_api_says_what_is_wrong_with_its_input(model_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.jpg: no such image file"):
         predictor.encode_images(tmp_path / "nope.jpg")
     (tmp_path / "broken.jpg").write_bytes(b"not an image")
-    with pytest.raises(ValueError, match="broken.jpg: does not decode"):
+    with pytest.raises(ValueError, match="broken.jpg: not an image"):
         predictor.encode_images([tmp_path / "broken.jpg"])
     with pytest.raises(ValueError, match="labels repeat"):
         predictor.classifier(["猫", "猫"])
@@ -173,7 +178,7 @@ def test_an_index_encodes_only_what_changed_and_survives_an_interrupted_build(mo
     # every hit is the brute-force answer of the current files
     query = predictor.encode_texts("红色的圆形")[0]
     hits = index.search(query, k=3)
-    files = {item["key"]: Path(item["image"]) for item in index.items}
+    files = {item["key"]: index.image_path(item) for item in index.items}
     truth = sorted(files, key=lambda key: -(predictor.encode_images(files[key])[0] @ query).item())[:3]
     assert [hit.key for hit in hits] == truth
     assert [hit.score for hit in hits] == pytest.approx(
@@ -298,3 +303,125 @@ def test_the_search_page_in_a_real_browser(model_dir, photos, tmp_path):
             browser.quit()
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_an_index_never_overlaps_its_source_and_a_rebuild_removes_only_what_index_wrote(model_dir, photos, tmp_path,
+                                                                                        capsys):
+    folder = tmp_path / "photos"
+    shutil.copytree(photos, folder)
+    (folder / "animated.gif").write_bytes(animated())  # every frame decoded once crashed the whole index
+    (folder / "bomb.png").write_bytes(decompression_bomb())
+    shutil.copy(folder / "shape0.png", folder / 'a "quoted" #1?.png')  # a name that is not a URL as it stands
+    before = sorted(folder.rglob("*"))
+    for index_dir in (folder, folder / "photos.index", tmp_path):  # is, lies inside, holds the source
+        error = predict_error(["index", "--model", str(model_dir), "--source", str(folder), "--index", str(index_dir)],
+                              capsys)
+        assert error == (f"error: --index {index_dir} overlaps --source {folder}: give the index a directory of its "
+                         "own, outside the source and not holding it")
+    shards = write_shards(tmp_path / "shards", pairs=4, rows_per_shard=2, image_size=48)
+    assert "overlaps --source" in predict_error(["index", "--model", str(model_dir), "--source", str(shards / "*.parquet"),
+                                                 "--index", str(shards / "index")], capsys)
+    assert sorted(folder.rglob("*")) == before
+
+    index_dir = tmp_path / "mine"  # a directory of the user's that already holds a file
+    index_dir.mkdir()
+    (index_dir / "notes.txt").write_text("mine")
+    argv = ["index", "--model", str(model_dir), "--source", str(folder), "--index", str(index_dir), "--num-workers", "0"]
+    with peak_memory_growth() as grown:
+        counts = predict(argv)
+    assert (counts["added"], counts["images"]) == (10, 10)  # 9 shapes and the GIF's first frame
+    assert [error.split(": ", 1)[1] for error in counts["unreadable"]] == [
+        "decompression bomb: Image size (400000000 pixels) exceeds limit of 178956970 pixels, could be decompression "
+        "bomb DOS attack."]
+    assert grown["MiB"] < 400, grown  # the model, the index and the images' tensors; decoding the bomb takes 1146
+    predict([*argv, "--rebuild"])
+    assert (index_dir / "notes.txt").read_text() == "mine" and len(ImageIndex.open(index_dir).items) == 10
+    page = tmp_path / "hits.html"
+    predict(["search", "--index", str(index_dir), "--image", str(folder / "shape0.png"), "--top-k", "10", "--html", str(page)])
+    links = [src.split('"')[0] for src in page.read_text(encoding="utf-8").split('<img src="')[1:]]
+    assert not any(set(' "#?') & set(html.unescape(link)) for link in links)  # else '#1?.png' is a fragment
+    assert {unquote(html.unescape(link)) for link in links} == {
+        f"photos/{p.relative_to(folder).as_posix()}" for p in before if p.suffix in (".png", ".gif") and p.name != "bomb.png"}
+    remove_index(index_dir)
+    assert sorted(p.name for p in index_dir.rglob("*")) == ["notes.txt"]
+
+
+def http(port: int, request: bytes, then_close: bool = False) -> tuple[int | None, bytes]:
+    """(status, body) of one raw request; status None when the server dropped the connection unanswered.
+    `then_close` ends the sending side, as a client does after a body the server reads to its end."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        try:
+            connection.sendall(request)
+            if then_close:
+                connection.shutdown(socket.SHUT_WR)
+        except OSError:  # the server answered and closed before taking it all
+            pass
+        response = b""
+        try:
+            while chunk := connection.recv(65536):
+                response += chunk
+        except ConnectionResetError:
+            pass
+    head, _, body = response.partition(b"\r\n\r\n")
+    return (int(head.split()[1]) if head.startswith(b"HTTP/") else None), body
+
+
+def test_the_search_server_answers_hostile_requests_with_4xx_and_bounded_memory(model_dir, photos, tmp_path):
+    index_dir = tmp_path / "photos.index"
+    predict(["index", "--model", str(model_dir), "--source", str(photos), "--index", str(index_dir)])
+    predictor = load_model(model_dir)
+    server = make_server(SearchService(ImageIndex.open(index_dir), predictor, idle_timeout=1.0), "127.0.0.1", 0)
+    port = server.server_address[1]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    get = lambda path, host=b"127.0.0.1": http(port, b"GET " + path + b" HTTP/1.0\r\nHost: " + host + b"\r\n\r\n")  # noqa: E731
+
+    def post(length: bytes, body: bytes = b"", **kwargs) -> tuple[int | None, bytes]:
+        head = b"POST /search HTTP/1.0\r\nContent-Type: multipart/form-data; boundary=B\r\n"
+        return http(port, head + (b"Content-Length: " + length + b"\r\n" if length else b"") + b"\r\n" + body, **kwargs)
+
+    def form(image: bytes, k: bytes = b"3") -> bytes:
+        return (b'--B\r\nContent-Disposition: form-data; name="k"\r\n\r\n' + k + b'\r\n--B\r\nContent-Disposition: '
+                b'form-data; name="image"; filename="x.png"\r\nContent-Type: image/png\r\n\r\n' + image + b"\r\n--B--\r\n")
+
+    try:
+        status, body = get("/api/search?q=红色的圆形&k=3".encode())
+        assert status == 200 and all(r["image"].startswith("/image/") for r in json.loads(body)["results"])
+        assert get(b"/image/0") == (200, (photos / ImageIndex.open(index_dir).items[0]["key"]).read_bytes())
+        assert get(b"/image/0", b"localhost:1")[0] == 200 and get(b"/image/0", b"evil.example")[0] == 421  # DNS rebinding
+        assert get(b"/image/0", b"[::1")[0] == 421
+        assert get(b"/image/\xb2")[0] == 404  # '²' is a digit to str.isdigit, not to int()
+        assert get(b"/image/" + b"9" * 5000)[0] == 404  # int() refuses over 4300 digits
+        assert post(b"abc")[0] == 400 and post(b"")[0] == 411
+        assert post(b"-1")[0] == 400  # answered at once: it once read the stream to its end, however long
+        assert post(str(len(form(b"x", b"\xff\xfe"))).encode(), form(b"x", b"\xff\xfe"))[0] == 400  # k not UTF-8
+        upload = form((photos / "shape3.png").read_bytes())
+        status, body = post(str(len(upload)).encode(), upload)
+        assert status == 200 and body.split(b'<figure class="hit" ')[1].startswith(b'data-key="shape3.png"')
+
+        bomb, endless = form(decompression_bomb()), b"x" * (48 << 20)
+        with peak_memory_growth() as grown:
+            assert post(str(len(bomb)).encode(), bomb)[0] == 400
+            post(b"-1", endless, then_close=True)
+        assert grown["MiB"] < 64, grown  # the bomb decoded took 1146 MiB; the 48 MiB once read whole, 670 MB for 60
+
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as idle:
+            assert idle.recv(1) == b""  # closed by the server after its 1 s idle timeout, not held forever
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as stalled:
+            stalled.sendall(b"POST /search HTTP/1.0\r\nContent-Length: 100\r\n\r\nonly part of it")
+            assert stalled.recv(4096).startswith(b"HTTP/1.0 408")
+
+        # an index edited (or downloaded) to name files outside its folder gets none of them served
+        [part] = (index_dir / "parts").glob("*.jsonl")
+        items = [json.loads(line) for line in part.read_text().splitlines()]
+        for item, key in zip(items, ["../../../../../../etc/passwd", "/proc/self/environ", "more/../../shape0.png"]):
+            item.update(key=key, image=key)
+        part.write_text("".join(json.dumps(item) + "\n" for item in items))
+        meta = json.loads((index_dir / "index.json").read_text())
+        (index_dir / "index.json").write_text(json.dumps({**meta, "folder": "/etc"}))
+        server.RequestHandlerClass = _handler(SearchService(ImageIndex.open(index_dir), predictor))
+        for n in range(len(items)):
+            status, body = get(f"/image/{n}".encode())
+            assert status in (403, 404) and b"root:" not in body and b"PATH=" not in body
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -54,5 +54,5 @@ def test_an_image_that_does_not_decode_is_named(tmp_path):
     root = write_retrieval_set(tmp_path / "set", images=2, texts=2)
     (root / "valid_imgs.tsv").write_text(f"100\t{base64.b64encode(b'<html>gone</html>').decode()}\n"
                                          + (root / "valid_imgs.tsv").read_text().splitlines()[1] + "\n")
-    with pytest.raises(ValueError, match="image 100: does not decode"):
+    with pytest.raises(ValueError, match="image 100: not an image"):
         features(root)

@@ -97,3 +97,28 @@ def test_a_trainer_writes_nothing_until_it_runs(tmp_path, accelerator):
                       make_loader=None, evaluate=None)
     assert [stage.name for stage in trainer.plan] == ["lit", "flip", "unmasked"]
     assert not run_dir.path.exists()
+
+
+def test_urls_are_written_out_without_their_credentials(tmp_path, accelerator, monkeypatch):
+    shards = "https://alice:hunter2@data.example.com/laion/x.tar?X-Amz-Credential=AKIAEXAMPLE&X-Amz-Signature=0a1b2c3d"
+    muge = "https://acct.blob.core.windows.net/eval/muge?sv=2022-11-02&sig=SASSECRET"
+    secrets = ("hunter2", "AKIAEXAMPLE", "0a1b2c3d", "SASSECRET")
+    cfg = load_config(CONFIGS / "tiny_synthetic.yaml", ["data.source=shards", f"data.shards=[{{path: '{shards}'}}]",
+                                                        f"eval.sets=[{{name: muge, path: '{muge}'}}]"])
+    hparams = {}
+    monkeypatch.setattr(accelerator, "init_trackers", lambda name, config: hparams.update(config))
+    run_dir = RunDir(tmp_path, accelerator)
+    run_dir.open(cfg, resumed_step=None)
+    run_dir.save_model(ChineseCLIP(cfg.model).state_dict(), cfg, tokenizer=None)
+    run_dir.write_results({"after": {}})  # the cards again, from config.yaml read back
+
+    written = {path: path.read_text(encoding="utf-8") for path in
+               (tmp_path / "config.yaml", tmp_path / "model" / "config.yaml", tmp_path / "model" / "README.md")}
+    written["tracker hyperparameters"] = str(hparams)
+    assert {where: [s for s in secrets if s in text] for where, text in written.items()
+            if any(s in text for s in secrets)} == {}
+    readable = "https://***@data.example.com/laion/x.tar?X-Amz-Credential=***&X-Amz-Signature=***"
+    assert load_config(tmp_path / "config.yaml").data.shards[0].path == readable
+    assert f"Data: `{readable}` (weight 1)" in written[tmp_path / "model" / "README.md"]
+    assert "https://acct.blob.core.windows.net/eval/muge?sv=2022-11-02&sig=***" in hparams["eval.sets"]
+    assert cfg.data.shards[0].path == shards and cfg.eval.sets[0].path == muge  # the run itself reads the real URLs

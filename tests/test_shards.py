@@ -136,16 +136,25 @@ def test_chinese_clip_layouts_and_image_folders_are_read(tmp_path):
 
     import lmdb  # the layout Chinese-CLIP's build_lmdb_dataset.py writes
     lmdb_dir = tmp_path / "lmdb"
+    ran = tmp_path / "payload-ran"
+
+    class Payload:  # a downloaded LMDB's record that runs code when unpickled
+        def __reduce__(self):
+            return exec, (f"open({str(ran)!r}, 'w').write('ran')",)
+
     for name, entries in [("imgs", {**{k: base64.urlsafe_b64encode(v) for k, v in images.items()}, "num_images": b"3"}),
                           ("pairs", {"0": pickle.dumps((0, 0, "红色的花")), "1": pickle.dumps((2, 1, "蓝色的海")),
-                                     "num_samples": b"2"})]:
+                                     "2": pickle.dumps((1, 2, Payload())), "num_samples": b"3"})]:
         (lmdb_dir / name).mkdir(parents=True)
         env = lmdb.open(str(lmdb_dir / name), map_size=1 << 24)
         with env.begin(write=True) as txn:
             for key, value in entries.items():
                 txn.put(key.encode(), value)
         env.close()
-    assert [(p.caption, p.image) for p in read_pairs(lmdb_dir)] == [("红色的花", images["0"]), ("蓝色的海", images["2"])]
+    assert [(p.caption, p.image, p.problem) for p in read_pairs(lmdb_dir)] == [
+        ("红色的花", images["0"], None), ("蓝色的海", images["2"], None),
+        (None, None, "record not a plain pickled tuple, not read (it asks for builtins.exec)")]
+    assert not ran.exists()
 
     folder = tmp_path / "folder"
     folder.mkdir()

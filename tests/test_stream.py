@@ -22,7 +22,8 @@ from chinese_clip.data.loaders import build_train_loader
 from chinese_clip.data.stream import DataError, open_sources
 from chinese_clip.data.transforms import build_transform, decode
 from chinese_clip.tokenizer import load_tokenizer
-from tests.conftest import PRETRAIN, break_rows, command, metrics, on_shards, run, write_shards, write_tars
+from tests.conftest import (PRETRAIN, animated, break_rows, command, decompression_bomb, metrics, on_shards, run,
+                            write_shards, write_tars)
 
 TOKENIZER = load_tokenizer(None, 16)
 
@@ -125,8 +126,8 @@ def test_undecodable_samples_are_skipped_counted_and_logged(tmp_path):
     read = [i for batch in take(batches, 5)[0] for i in batch]  # the epoch's 18 good samples and 2 of the next
     assert f"0:{ids[2]}" not in read and f"0:{ids[5]}" not in read
     lines = [json.loads(line) for line in log.read_text().splitlines()]
-    assert {d["id"]: d["reason"] for d in lines} == {ids[2]: "does not decode: Image is incomplete or truncated",
-                                                     ids[5]: "does not decode: Unsupported image file"}
+    assert {d["id"]: d["reason"] for d in lines} == {ids[2]: "truncated or corrupt: Truncated File Read",
+                                                     ids[5]: "not an image"}
     assert batches.counts == {"read": 20 + len(lines), "skipped": len(lines), "filtered": 0}  # the next epoch may hit them again
 
 
@@ -134,7 +135,7 @@ def test_too_many_undecodable_samples_stop_the_run_with_the_reason(tmp_path):
     shards = make_shards(tmp_path / "a", shards=2, rows=10)
     break_rows(shards / "shard-00001.parquet", {i: b"" for i in range(4)})
     cfg = data_cfg(shards, num_workers=0, max_bad_fraction=0.1, bad_check_after=12)
-    with pytest.raises(DataError, match=r"of the \d+ samples .* data.max_bad_fraction=0.1 .*empty image"):
+    with pytest.raises(DataError, match=r"of the \d+ samples .* data.max_bad_fraction=0.1 .*empty file"):
         take(loader(cfg), 10)
 
 
@@ -186,8 +187,7 @@ def test_a_run_over_shards_with_broken_samples_finishes_and_reports_them(tmp_pat
                          "eval.at_start=false", "checkpoint.every_steps=0", f"run.output_dir={run_dir}"))
     assert result.returncode == 0, result.stderr[-3000:]
     skipped = [json.loads(line) for line in (run_dir / "skipped" / "rank-0.jsonl").read_text().splitlines()]
-    assert {d["reason"] for d in skipped} == {"does not decode: Image is incomplete or truncated", "empty image",
-                                              "does not decode: Unsupported image file"}
+    assert {d["reason"] for d in skipped} == {"truncated or corrupt: Truncated File Read", "empty file", "not an image"}
     last = metrics(run_dir)[-1 if "data/samples_skipped" in metrics(run_dir)[-1] else -2]
     assert last["data/samples_skipped"] == len(skipped) >= 3  # 96 samples trained: the whole epoch was read
     assert last["data/samples_read"] == 96 + len(skipped)
@@ -209,8 +209,9 @@ def test_webdataset_tars_stream_like_shards_filtered_by_build_shards_rules_and_r
     rest, rest_pixels, _ = take(loader(cfg, position=position), 7)
     assert first + rest == whole and all(torch.equal(a, b) for a, b in zip(first_pixels + rest_pixels, whole_pixels))
 
-    # raw web data: an English caption, an image without caption, a tar cut inside an image
-    usable = set(tar_ids(tars)) - {f"0:00003.tar/0000000{i}" for i in range(27, 32)}
+    # raw web data: an English caption, an image without caption, a tar cut inside an image, a decompression
+    # bomb (a dataloader worker decoding it would be killed for memory) and an animated GIF named .jpg
+    usable = set(tar_ids(tars)) - {f"0:00003.tar/0000000{i}" for i in range(27, 32)} | {"0:00001.tar/animated"}
 
     def add(tar: Path, name: str, data: bytes) -> None:
         with tarfile.open(tar, "a") as archive:
@@ -220,15 +221,21 @@ def test_webdataset_tars_stream_like_shards_filtered_by_build_shards_rules_and_r
     add(tars / "00001.tar", "english.jpg", b"not read")
     add(tars / "00001.tar", "english.txt", b"a photo of a cat")
     add(tars / "00002.tar", "lonely.jpg", b"not read")
+    add(tars / "00002.tar", "bomb.png", decompression_bomb())
+    add(tars / "00002.tar", "bomb.txt", "一张黑色的图片".encode())
+    add(tars / "00001.tar", "animated.jpg", animated(size=64))
+    add(tars / "00001.tar", "animated.txt", "一个红色的方块".encode())
     data = (tars / "00003.tar").read_bytes()
     (tars / "00003.tar").write_bytes(data[:data.index(b"000000027.jpg") + 600])
     log = tmp_path / "skipped.jsonl"
     batches = loader(data_cfg(tars, num_workers=1, bad_check_after=10_000), skip_log=log)
-    trained = [i for batch in take(batches, 7)[0] for i in batch]  # 27 usable pairs an epoch: into the second
+    trained = [i for batch in take(batches, 8)[0] for i in batch]  # 28 usable pairs an epoch: into the second
     assert set(trained) == usable
     reasons = {d["id"]: d["reason"] for d in map(json.loads, log.read_text().splitlines())}
     assert reasons == {"00001.tar/english": "no Chinese characters",  # filtered, as build_shards would
                        "00002.tar/lonely": "no caption (.txt or .json)",
+                       "00002.tar/bomb": "decompression bomb: Image size (400000000 pixels) exceeds limit of "
+                                         "178956970 pixels, could be decompression bomb DOS attack.",
                        "00003.tar/000000026+": "tar cut short or corrupt after 000000026: unexpected end of data"}
     lines = log.read_text().splitlines()
     filtered = sum("no Chinese" in line for line in lines)

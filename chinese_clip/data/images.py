@@ -2,8 +2,10 @@
 
 Web-scale image-text data holds every kind of broken or odd file: zero bytes, HTML saved as .jpg,
 truncated downloads, decompression bombs, palette and alpha images, CMYK JPEGs, 16-bit PNGs,
-slivers. `decode_image` decodes once, refuses the unusable with a short reason (for quarantine
-reports and skip counters) and normalises the rest to 8-bit RGB; `encode_jpeg` writes it back.
+slivers. `open_image` reads the header and refuses bombs before any pixel is decoded (every decoder
+in the product asks it first); `decode_image` decodes once, refuses the unusable with a short reason
+(for quarantine reports and skip counters) and normalises the rest to 8-bit RGB; `encode_jpeg`
+writes it back.
 """
 from __future__ import annotations
 
@@ -26,12 +28,13 @@ class BadImage(ValueError):
     """An image that cannot be used; str() is the reason."""
 
 
-def decode_image(data: bytes, rules: ImageRules = ImageRules()) -> Image.Image:
-    """8-bit RGB, alpha composited on white, resized if the rules say so; else BadImage(reason)."""
+def open_image(data: bytes, max_pixels: int = ImageRules.max_pixels) -> Image.Image:
+    """The image with its header read and nothing decoded yet; BadImage when it is not an image or its
+    header promises more than `max_pixels` (a decompression bomb: a 400 KB PNG can declare 20000x20000)."""
     if not data:
         raise BadImage("empty file")
     try:
-        image = Image.open(io.BytesIO(data))  # reads the header only: the size is known before any decoding
+        image = Image.open(io.BytesIO(data))  # reads the header only
     except UnidentifiedImageError:
         raise BadImage("not an image") from None
     except Image.DecompressionBombError as e:  # PIL's own limit, twice its MAX_IMAGE_PIXELS
@@ -39,8 +42,16 @@ def decode_image(data: bytes, rules: ImageRules = ImageRules()) -> Image.Image:
     except (OSError, SyntaxError, ValueError) as e:  # cut off inside the header
         raise BadImage(f"truncated or corrupt: {e}") from None
     width, height = image.size
-    if width * height > rules.max_pixels:
+    if width * height > max_pixels:
         raise BadImage(f"decompression bomb: {width}x{height} pixels")
+    return image
+
+
+def decode_image(data: bytes, rules: ImageRules = ImageRules()) -> Image.Image:
+    """8-bit RGB (an animation's first frame), alpha composited on white, resized if the rules say so;
+    else BadImage(reason)."""
+    image = open_image(data, rules.max_pixels)
+    width, height = image.size
     try:
         image.load()
     except (OSError, SyntaxError, ValueError) as e:  # a truncated download stays an error, never grey pixels

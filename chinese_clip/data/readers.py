@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import io
 import json
 import pickle
 import re
@@ -189,9 +190,32 @@ def read_cn_clip_tsv(directory: Path, split: str, part: Part) -> Iterator[RawPai
                 yield RawPair(key, row.get("text"), images[str(image_id)])
 
 
+class _NoGlobals(pickle.Unpickler):
+    """cn_clip's records are plain tuples of ints and strings: a pickle that asks for any class or function
+    is not one of them, and unpickling it would run whatever it names."""
+
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(f"it asks for {module}.{name}")
+
+
+def _cn_clip_record(data: bytes | None) -> tuple[int | str, str]:
+    """(image_id, text) of one pairs/ record, or ValueError saying why not; never runs code."""
+    if data is None:
+        raise ValueError("missing")
+    try:
+        record = _NoGlobals(io.BytesIO(data)).load()
+    except Exception as e:  # a hostile or broken pickle raises anything; none of it may stop the build
+        raise ValueError(f"not a plain pickled tuple, not read ({e})") from None
+    if not (isinstance(record, tuple) and len(record) == 3 and isinstance(record[0], (int, str))
+            and isinstance(record[2], str)):
+        raise ValueError(f"not an (image_id, text_id, text) tuple: {type(record).__name__}")
+    return record[0], record[2]
+
+
 def read_cn_clip_lmdb(directory: Path, part: Part) -> Iterator[RawPair]:
     """Chinese-CLIP's LMDB: pairs/ maps a sample index to a pickled (image_id, text_id, text), imgs/
-    an image id to the base64 image. The pickles are Chinese-CLIP's own format: read only trusted data."""
+    an image id to the base64 image. Downloaded LMDBs are third-party files: records are unpickled with
+    no globals allowed, and one that needs any is a quarantined pair, not code run."""
     import lmdb
 
     pairs = lmdb.open(str(directory / "pairs"), readonly=True, lock=False, readahead=False)
@@ -201,9 +225,13 @@ def read_cn_clip_lmdb(directory: Path, part: Part) -> Iterator[RawPair]:
         for index in range(count):
             if not part.takes(index, "rows"):
                 continue
-            image_id, text_id, text = pickle.loads(pair_txn.get(str(index).encode()))
-            b64 = image_txn.get(str(image_id).encode())
             key = f"{directory.name}/pairs/{index}"
+            try:
+                image_id, text = _cn_clip_record(pair_txn.get(str(index).encode()))
+            except ValueError as e:
+                yield RawPair(key, None, None, f"record {e}")
+                continue
+            b64 = image_txn.get(str(image_id).encode())
             if b64 is None:
                 yield RawPair(key, text, None, f"image id {image_id} not in imgs/")
             else:

@@ -45,6 +45,7 @@ from chinese_clip.data.shards import PART_NAME
 from chinese_clip.data.storage import file_name, full_path, list_files, open_binary
 from chinese_clip.data.tars import tar_samples
 from chinese_clip.data.transforms import UnusableSample, build_transform, decode, seeded
+from chinese_clip.redact import redact
 
 if TYPE_CHECKING:
     import datasets
@@ -249,7 +250,7 @@ class ShardStream(IterableDataset):
                     sample = self._sample(source, epoch, row)
                 except UnusableSample as e:
                     state["filtered" if isinstance(e, FilteredSample) else "skipped"] += 1
-                    skips.append({"source": self.sources[source].path, "id": row["id"], "reason": str(e)})
+                    skips.append(redact({"source": self.sources[source].path, "id": row["id"], "reason": str(e)}))
                     if isinstance(e, FilteredSample):
                         continue
                     if state["read"] >= self.bad_check_after and state["skipped"] > self.max_bad_fraction * state["read"]:
@@ -351,9 +352,11 @@ class ShardBatches:
 
 
 def stream_layout(sources: list[ShardSource], cfg: DataConfig, world_size: int, seed: int) -> dict:
-    """What the per-worker streams depend on: a position is only valid under the same layout."""
+    """What the per-worker streams depend on: a position is only valid under the same layout. Its URLs are
+    redacted: it is saved in checkpoints, and a URL signed anew for the resumed run still names the same data."""
     return {"world_size": world_size, "num_workers": cfg.num_workers, "seed": seed,
-            "shuffle_buffer": cfg.shuffle_buffer, "sources": [asdict(s) | {"files": len(s.files)} for s in sources]}
+            "shuffle_buffer": cfg.shuffle_buffer,
+            "sources": [redact(asdict(s) | {"files": len(s.files)}) for s in sources]}
 
 
 def start_states(position: dict | None, layout: dict, reset: bool) -> tuple[dict[str, dict], int]:

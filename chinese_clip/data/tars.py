@@ -7,21 +7,33 @@ the key is the member's directory plus its basename up to the basename's first d
 must differ from webdataset is order: it groups only adjacent members, so a tar made with
 `tar -cf x.tar .` (members in directory order, a sample's image and caption apart) would come out as
 halves. Here a run of adjacent members that lacks its image or caption waits for the rest of its
-key until the tar ends; whole samples stream out at once, so only incomplete ones are ever held.
-The caption is `.txt`, else `.json`'s caption or text; the image `.jpg`, `.jpeg`, `.png` or `.webp`.
+key; whole samples stream out at once, so only incomplete ones are ever held, and only up to
+MAX_WAITING_BYTES. The caption is `.txt`, else `.json`'s caption or text; the image `.jpg`, `.jpeg`,
+`.png` or `.webp`; other members are not read, nor is one over MAX_MEMBER_BYTES.
 """
 from __future__ import annotations
 
 import json
+import re
 import tarfile
 from typing import Iterator
 
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
+from webdataset.tariterators import base_plus_ext
 
 from chinese_clip.data.storage import open_binary
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTENSIONS = ("txt", "json")
+# A member is read whole into memory. Web photos are a few MB and captions far less (an image over
+# build_shards' 8192x8192 pixel limit is refused anyway), so a bigger member is no training sample:
+# a video, a dump, or a size read from a damaged header.
+MAX_MEMBER_BYTES = 64 << 20
+# Incomplete samples held while their other half may still come, per tar being read (one per dataloader
+# worker). In directory order a sample's halves can be anywhere in the tar; at the peak about a quarter
+# of its bytes wait (half the samples are open, half of those with their image), so every pair of a tar
+# up to 2 GB is kept (webdataset advises 100 MB to 1 GB); 1 GB if all its images came before the captions.
+MAX_WAITING_BYTES = 512 << 20
+META = re.compile(r"__[^/]*__($|/)")  # webdataset's rule for members that belong to no sample (__MACOSX/, ...)
 
 Sample = tuple[str, str | None, bytes | None, str | None]  # key, caption, image, problem
 
@@ -29,30 +41,54 @@ Sample = tuple[str, str | None, bytes | None, str | None]  # key, caption, image
 def tar_samples(url: str) -> Iterator[Sample]:
     """(key, caption, image, problem) for each sample of one tar. A problem says why the sample
     cannot be used whole; a tar cut short ends with the samples it cut, each with a problem."""
-    waiting: dict[str, dict[str, bytes]] = {}  # incomplete samples by key
+    waiting: dict[str, dict[str, bytes]] = {}  # incomplete samples by key, the longest waiting first
+    held = 0  # their bytes
     key, files = None, {}
 
     def finish(key: str, files: dict[str, bytes]) -> Iterator[Sample]:
         """A run of adjacent members ended: its sample goes out if whole now, else waits for the rest."""
-        merged = {**waiting.pop(key, {}), **files}
+        nonlocal held
+        earlier = waiting.pop(key, {})
+        held -= _size(earlier)
+        merged = {**earlier, **files}
         if _whole(merged):
             yield key, *caption_and_image(key, merged)
-        else:
-            waiting[key] = merged
+            return
+        waiting[key] = merged
+        held += _size(merged)
+        while held > MAX_WAITING_BYTES:
+            oldest = next(iter(waiting))
+            held -= _size(waiting.pop(oldest))
+            yield oldest, None, None, (f"image and caption too far apart in the tar: over "
+                                       f"{MAX_WAITING_BYTES >> 20} MiB of incomplete samples came between them")
 
     with open_binary(url) as stream:
         try:
-            for member in tar_file_iterator(stream):
-                member_key, extension = base_plus_ext(member["fname"])
+            tar = tarfile.open(fileobj=stream, mode="r|*")  # streaming: each member is read once, in order
+            for member in tar:
+                tar.members = []  # the archive would otherwise keep every member's header
+                name = member.name
+                if not member.isreg() or META.match(name):
+                    continue
+                member_key, extension = base_plus_ext(name)
                 if member_key is None:  # no extension: not part of any sample
                     continue
+                extension = extension.lower()
+                used = extension in IMAGE_EXTENSIONS + CAPTION_EXTENSIONS
+                too_big = member.size > MAX_MEMBER_BYTES  # left unread: the stream skips it in small blocks
+                # read before the key moves on: a tar cut inside this member is cut after the previous sample
+                data = tar.extractfile(member).read() if used and not too_big else None
                 if member_key != key:
                     if key is not None:
                         yield from finish(key, files)
                     key, files = member_key, {}
-                files[extension.lower()] = member["data"]
+                if used and too_big:
+                    yield key, None, None, (f"{name} is {member.size:,} bytes, over the "
+                                            f"{MAX_MEMBER_BYTES >> 20} MiB limit")
+                elif used:
+                    files[extension] = data
         except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-            reason = f"tar cut short or corrupt after {key}: {str(e).split(' @ ')[0]}"  # webdataset appends a repr
+            reason = f"tar cut short or corrupt after {key}: {e}"
             if key is not None and _whole({**waiting.get(key, {}), **files}):
                 yield from finish(key, files)
                 key, files = f"{key}+", {}  # what came after the last whole member
@@ -63,6 +99,10 @@ def tar_samples(url: str) -> Iterator[Sample]:
                 yield from finish(key, files)
     for incomplete, parts in waiting.items():
         yield incomplete, *caption_and_image(incomplete, parts)
+
+
+def _size(files: dict[str, bytes]) -> int:
+    return sum(len(data) for data in files.values())
 
 
 def _whole(files: dict[str, bytes]) -> bool:

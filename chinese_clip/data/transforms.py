@@ -12,8 +12,10 @@ from contextlib import contextmanager
 import torch
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 from chinese_clip.config import DataConfig
+from chinese_clip.data.images import BadImage, open_image, to_rgb
 
 
 class UnusableSample(ValueError):
@@ -21,9 +23,18 @@ class UnusableSample(ValueError):
 
 
 def decode(data: bytes) -> torch.Tensor:
-    """[3, H, W] uint8 RGB, or UnusableSample."""
-    if not data:
-        raise UnusableSample("empty image")
+    """[3, H, W] uint8 RGB (an animation's first frame), or UnusableSample. The header is checked first
+    (PIL reads it without decoding), so a decompression bomb is refused before its pixels are allocated."""
+    try:
+        image = open_image(data)
+        if image.format == "GIF" or getattr(image, "is_animated", False):
+            # torchvision decodes every frame of a GIF (a thousand small frames are gigabytes) and refuses
+            # animated WebP; PIL decodes only the first frame
+            return pil_to_tensor(to_rgb(image))
+    except BadImage as e:
+        raise UnusableSample(str(e)) from None
+    except OSError as e:
+        raise UnusableSample(f"truncated or corrupt: {e}") from None
     try:
         return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError as e:

@@ -8,32 +8,42 @@ encoded by the model and answered with the top-k images and their scores.
     GET  /image/N                the N-th indexed image (or its thumbnail); no other file is served
 
 The standard library's threaded HTTP server: it serves one team on a local network or through a
-tunnel, not the open internet.
+tunnel, not the open internet. Still, every request is bounded: uploads by MAX_UPLOAD read in
+chunks, images by the decoder's pixel limit, idle connections by IDLE_TIMEOUT; a malformed request
+gets a 4xx; only names the server answers to are accepted as Host (DNS rebinding).
 """
 from __future__ import annotations
 
 import email.parser
 import email.policy
+import ipaddress
 import json
 import mimetypes
+import re
+import socket
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Sequence
 from urllib.parse import parse_qs, urlsplit
 
 from chinese_clip.inference import Predictor
-from chinese_clip.search.index import Hit, ImageIndex
+from chinese_clip.search.index import Hit, ImageIndex, SearchIndexError
 from chinese_clip.search.page import page, results_html, search_form
 
 MAX_UPLOAD = 20 * 2**20
+READ_CHUNK = 2**20  # an upload is read a MiB at a time, never in one allocation of a size the client names
+IDLE_TIMEOUT = 30.0  # seconds a connection may send nothing before it is closed (a thread each, otherwise forever)
 DEFAULT_K = 12
+LOCAL_NAMES = {"localhost", "127.0.0.1", "::1"}
 
 
 class SearchService:
     """Queries against one index; the model answers one query at a time."""
 
-    def __init__(self, index: ImageIndex, predictor: Predictor):
-        self.index, self.predictor = index, predictor
+    def __init__(self, index: ImageIndex, predictor: Predictor, idle_timeout: float = IDLE_TIMEOUT):
+        self.index, self.predictor, self.idle_timeout = index, predictor, idle_timeout
+        self.allowed_hosts: set[str] = set(LOCAL_NAMES)
         self.position = {item["key"]: i for i, item in enumerate(index.items)}
         self._model = threading.Lock()
 
@@ -50,6 +60,18 @@ class SearchService:
     def image_url(self, hit: Hit) -> str:
         return f"/image/{self.position[hit.key]}"
 
+    def as_json(self, hit: Hit) -> dict:
+        """A hit as the API gives it: the image as its URL here, never a path on the server."""
+        return {**hit.to_dict(), "image": self.image_url(hit)}
+
+
+class BadRequest(Exception):
+    """A request to answer with `status` and the message, not with a dropped connection."""
+
+    def __init__(self, message: str, status: HTTPStatus = HTTPStatus.BAD_REQUEST):
+        super().__init__(message)
+        self.status = status
+
 
 def _k(values: dict[str, list[str]]) -> int:
     try:
@@ -58,8 +80,58 @@ def _k(values: dict[str, list[str]]) -> int:
         return DEFAULT_K
 
 
+def _image_number(path: str, count: int) -> int:
+    """N of /image/N: ASCII digits only (str.isdigit takes '²', which int() refuses), and few of them."""
+    number = path.removeprefix("/image/")
+    if not re.fullmatch(r"[0-9]{1,12}", number) or int(number) >= count:
+        raise BadRequest("no such image", HTTPStatus.NOT_FOUND)
+    return int(number)
+
+
+def _content_length(value: str | None) -> int:
+    if value is None:
+        raise BadRequest("Content-Length required", HTTPStatus.LENGTH_REQUIRED)
+    if not re.fullmatch(r"[0-9]{1,12}", value.strip()):  # "-1" would read to the end of the stream, unbounded
+        raise BadRequest(f"bad Content-Length {value[:40]!r}")
+    if int(value) > MAX_UPLOAD:
+        raise BadRequest(f"图片太大 (over {MAX_UPLOAD >> 20} MiB)", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+    return int(value)
+
+
+def _read_body(stream, length: int) -> bytes:
+    body = bytearray()
+    while len(body) < length:
+        try:
+            chunk = stream.read(min(READ_CHUNK, length - len(body)))
+        except TimeoutError:  # the connection's idle timeout
+            raise BadRequest("the request body stopped arriving", HTTPStatus.REQUEST_TIMEOUT) from None
+        if not chunk:
+            raise BadRequest("the request body ended before its Content-Length")
+        body += chunk
+    return bytes(body)
+
+
+def _host_allowed(host_header: str | None, allowed: set[str]) -> bool:
+    """DNS rebinding: a page on an attacker's domain that resolves to this machine reaches the server with
+    the attacker's name as Host. Browsers always send Host; a name must be one we answer to, while an
+    IP address is only ever a rebinding's target, never its vehicle."""
+    if host_header is None:
+        return True
+    try:
+        host = urlsplit(f"//{host_header}").hostname or ""
+    except ValueError:  # "[::1" and the like
+        return False
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return host.lower() in allowed
+
+
 def _handler(service: SearchService) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
+        timeout = service.idle_timeout
+
         def log_message(self, format: str, *args) -> None:  # one quiet line per request, not stderr noise
             pass
 
@@ -79,7 +151,22 @@ def _handler(service: SearchService) -> type[BaseHTTPRequestHandler]:
                 body += results_html(hits, service.image_url)
             self._send(page(f"{query or '图片搜索'}", body).encode(), "text/html; charset=utf-8", status)
 
+        def _answer(self, respond) -> None:
+            try:
+                if not _host_allowed(self.headers.get("Host"), service.allowed_hosts):
+                    raise BadRequest("unknown Host (start the server with --allow-host NAME to answer to it)",
+                                     HTTPStatus.MISDIRECTED_REQUEST)
+                respond()
+            except BadRequest as e:
+                self._send(str(e).encode(), "text/plain; charset=utf-8", e.status)
+
         def do_GET(self) -> None:
+            self._answer(self._get)
+
+        def do_POST(self) -> None:
+            self._answer(self._post)
+
+        def _get(self) -> None:
             url = urlsplit(self.path)
             values = parse_qs(url.query)
             query = values.get("q", [""])[0].strip()
@@ -88,29 +175,38 @@ def _handler(service: SearchService) -> type[BaseHTTPRequestHandler]:
             elif url.path in ("/search", "/api/search"):
                 hits = service.by_text(query, _k(values)) if query else None
                 if url.path == "/api/search":
-                    body = json.dumps({"query": query, "results": [h.to_dict() for h in hits or []]}, ensure_ascii=False)
+                    body = json.dumps({"query": query, "results": [service.as_json(h) for h in hits or []]},
+                                      ensure_ascii=False)
                     self._send(body.encode(), "application/json; charset=utf-8")
                 else:
                     self._page(query, _k(values), hits, "" if query else "请输入查询")
-            elif url.path.startswith("/image/") and url.path[7:].isdigit() and int(url.path[7:]) < len(service.index.items):
-                file = service.index.image_path(service.index.items[int(url.path[7:])])
+            elif url.path.startswith("/image/"):
+                item = service.index.items[_image_number(url.path, len(service.index.items))]
+                try:
+                    file = service.index.image_path(item)
+                except SearchIndexError:
+                    raise BadRequest("not an image this index may show", HTTPStatus.FORBIDDEN) from None
                 if not file.is_file():
-                    self._send(b"image no longer there", "text/plain", HTTPStatus.NOT_FOUND)
-                    return
+                    raise BadRequest("image no longer there", HTTPStatus.NOT_FOUND)
                 self._send(file.read_bytes(), mimetypes.guess_type(file.name)[0] or "application/octet-stream")
             else:
-                self._send(b"not found", "text/plain", HTTPStatus.NOT_FOUND)
+                raise BadRequest("not found", HTTPStatus.NOT_FOUND)
 
-        def do_POST(self) -> None:
+        def _post(self) -> None:
             if urlsplit(self.path).path != "/search":
-                self._send(b"not found", "text/plain", HTTPStatus.NOT_FOUND)
+                raise BadRequest("not found", HTTPStatus.NOT_FOUND)
+            try:
+                length = _content_length(self.headers.get("Content-Length"))
+            except BadRequest as e:
+                if e.status != HTTPStatus.REQUEST_ENTITY_TOO_LARGE:
+                    raise
+                self._page("", DEFAULT_K, None, str(e), e.status)
                 return
-            length = int(self.headers.get("Content-Length", 0))
-            if length > MAX_UPLOAD:
-                self._page("", DEFAULT_K, None, f"图片太大 (over {MAX_UPLOAD >> 20} MiB)", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
-                return
-            fields = _multipart(self.headers.get("Content-Type", ""), self.rfile.read(length))
-            k = _k({"k": [fields.get("k", b"").decode() or str(DEFAULT_K)]})
+            fields = _multipart(self.headers.get("Content-Type", ""), _read_body(self.rfile, length))
+            try:
+                k = _k({"k": [fields.get("k", b"").decode() or str(DEFAULT_K)]})
+            except UnicodeDecodeError:
+                raise BadRequest("the form field k is not UTF-8") from None
             if not fields.get("image"):
                 self._page("", k, None, "请选择一张图片", HTTPStatus.BAD_REQUEST)
                 return
@@ -134,5 +230,12 @@ def _multipart(content_type: str, body: bytes) -> dict[str, bytes]:
             for part in message.iter_parts()}
 
 
-def make_server(service: SearchService, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
+def make_server(service: SearchService, host: str = "127.0.0.1", port: int = 8000,
+                allow_hosts: Sequence[str] = ()) -> ThreadingHTTPServer:
+    """The server, answering to `host`, localhost and the names in `allow_hosts` (and to the machine's own
+    names when it listens on every interface)."""
+    names = {host, *LOCAL_NAMES, *allow_hosts}
+    if host in ("", "0.0.0.0", "::"):
+        names |= {socket.gethostname(), socket.getfqdn()}
+    service.allowed_hosts = {name.lower() for name in names}
     return ThreadingHTTPServer((host, port), _handler(service))

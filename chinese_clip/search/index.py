@@ -1,9 +1,14 @@
 """A feature index of an image folder or of our shards, for text-to-image and image-to-image search.
 
-    INDEX/index.json           the model it was built with, the source, the feature size
+    INDEX/index.json           the model it was built with, the source (and a folder's absolute path), the feature size
     INDEX/parts/N.safetensors  features [n, D] of one batch of images (fp16, unit length)
-    INDEX/parts/N.jsonl        those images, one line each: key, path or thumbnail, caption, stamp
+    INDEX/parts/N.jsonl        those images, one line each: key (a path under the folder, or shard#id),
+                               stamp, and for a shard image its thumbnail and caption
     INDEX/thumbs/              thumbnails of shard images (a folder's images are shown from their files)
+
+The index directory never overlaps the source (a `--rebuild` would delete the photos), and
+`remove_index` deletes only the files above. What an index names is not trusted to be a path to
+serve: `image_path` gives only image files under the folder or the thumbnails.
 
 Building is incremental: images already indexed with the same size and modification time are kept,
 new or changed ones are encoded, removed ones dropped. Features are written a part at a time (a
@@ -13,7 +18,7 @@ the next build continues from there.
 from __future__ import annotations
 
 import hashlib
-import io
+import itertools
 import json
 import os
 import re
@@ -24,20 +29,21 @@ from typing import Iterator
 import fsspec
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from chinese_clip.data.images import to_rgb
+from chinese_clip.data.images import BadImage, open_image, to_rgb
 from chinese_clip.data.readers import IMAGE_SUFFIXES, image_files
-from chinese_clip.data.storage import open_binary
+from chinese_clip.data.storage import is_remote, open_binary
 from chinese_clip.data.stream import shard_files
 from chinese_clip.evaluation.retrieval_set import is_shard_path
 from chinese_clip.inference import Predictor
 
 INDEX_FILE = "index.json"
+FORMAT = 2  # 2: folder images are the folder's path + their key, not a stored path
 PART_SIZE = 4096  # images encoded between two writes: what an interruption can lose
 THUMB_SIZE = 256
 _PART = re.compile(r"(\d+)\.jsonl")
+_WRITTEN = {"parts": re.compile(r"\.?\d+\.(jsonl|safetensors|jsonl\.partial)"), "thumbs": re.compile(r"[0-9a-f]{16}\.jpg")}
 
 
 class SearchIndexError(ValueError):
@@ -83,6 +89,9 @@ class ImageIndex:
             raise SearchIndexError(f"{index.directory}: not an image index (no {INDEX_FILE}); build one with "
                                    "`recipes/predict.py index`")
         index.meta = json.loads(meta.read_text(encoding="utf-8"))
+        if index.meta.get("format") != FORMAT:
+            raise SearchIndexError(f"{index.directory}: an index of format {index.meta.get('format')}, this version "
+                                   f"reads {FORMAT}: rebuild it (`predict.py index --rebuild`)")
         index._read_parts()
         return index
 
@@ -137,18 +146,20 @@ class ImageIndex:
     def build(self, source: str, predictor: Predictor, model_path: str | Path, say=print) -> dict:
         """Index `source` (an image folder, or our shards) with `predictor`, keeping what is already indexed
         and unchanged. Returns counts: kept, added, removed."""
+        check_apart(self.directory, source)
         stamp = model_stamp(model_path)
         meta_file = self.directory / INDEX_FILE
         if meta_file.is_file():
-            self.meta = json.loads(meta_file.read_text(encoding="utf-8"))
-            self.check_model(model_path)
-            if self.meta["source"] != source:
-                raise SearchIndexError(f"{self.directory} indexes {self.meta['source']}, not {source}; "
+            existing = ImageIndex.open(self.directory)
+            existing.check_model(model_path)
+            if existing.meta["source"] != source:
+                raise SearchIndexError(f"{self.directory} indexes {existing.meta['source']}, not {source}; "
                                        "give each source its own index")
-            self._read_parts()
+            self.items, self.features = existing.items, existing.features
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.meta = {"format": 1, "source": source, "kind": "shards" if is_shard_path(source) else "folder",
-                     "model": stamp, "dim": predictor.dim}
+        kind = "shards" if is_shard_path(source) else "folder"
+        self.meta = {"format": FORMAT, "source": source, "kind": kind, "model": stamp, "dim": predictor.dim,
+                     **({"folder": str(Path(source).resolve())} if kind == "folder" else {})}
         meta_file.write_text(json.dumps(self.meta, indent=2, ensure_ascii=False), encoding="utf-8")
         found = dict(self._scan(source))
         keep = [i for i, item in enumerate(self.items) if found.get(item["key"], {}).get("stamp") == item["stamp"]]
@@ -191,12 +202,13 @@ class ImageIndex:
         for file in files:
             status = file.stat()
             key = file.relative_to(folder).as_posix()
-            yield key, {"key": key, "image": str(file.resolve()), "stamp": [status.st_size, status.st_mtime_ns]}
+            yield key, {"key": key, "stamp": [status.st_size, status.st_mtime_ns]}
 
     def _batches(self, new: list[dict]) -> Iterator[tuple[list[dict], list]]:
         """(items, what to encode) a part at a time: a folder's files, or a shard's images (read once per
         shard, each given a thumbnail to show and its caption)."""
         by_shard: dict[str, list[dict]] = {}
+        folder = Path(self.meta.get("folder", ""))
         for item in new:
             by_shard.setdefault(item.get("shard", ""), []).append(item)
         for shard, items in by_shard.items():
@@ -211,7 +223,7 @@ class ImageIndex:
                         images[row["id"]] = row["image"]
                 sources = [images[item["row"]] for item in items]
             else:
-                sources = [Path(item["image"]) for item in items]
+                sources = [folder / item["key"] for item in items]
             for start in range(0, len(items), PART_SIZE):
                 yield items[start:start + PART_SIZE], sources[start:start + PART_SIZE]
 
@@ -222,18 +234,28 @@ class ImageIndex:
         if not target.is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
-                image = to_rgb(Image.open(io.BytesIO(data)))
+                image = to_rgb(open_image(data))
                 image.thumbnail((THUMB_SIZE, THUMB_SIZE))
                 image.save(target, format="JPEG", quality=85)
-            except OSError:  # encoding reports the image by name; there is just no thumbnail
+            except (BadImage, OSError):  # encoding reports the image by name; there is just no thumbnail
                 pass
         return name
 
     # -- searching ------------------------------------------------------------------------------------
     def image_path(self, item: dict) -> Path:
-        """The file that shows the item: its own (a folder's image) or its thumbnail (a shard's)."""
-        path = Path(item["image"])
-        return path if path.is_absolute() else self.directory / path
+        """The file that shows the item: a folder's image, or a shard image's thumbnail in the index. An
+        index is a file anyone can edit or download: what it names must be an image file under the folder
+        or the thumbnails, never /etc/passwd."""
+        if self.meta["kind"] == "folder":
+            base, name = Path(self.meta["folder"]), item["key"]
+        else:
+            base, name = self.directory, item.get("image", "")
+        parts = Path(name).parts
+        inside = parts and not Path(name).is_absolute() and ".." not in parts and (
+            self.meta["kind"] == "folder" or (parts[0] == "thumbs" and len(parts) == 2))
+        if not inside or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+            raise SearchIndexError(f"{self.directory}: {name!r} is not an image file under {base}")
+        return base / name
 
     def search(self, query: torch.Tensor, k: int = 10) -> list[Hit]:
         """The `k` images closest to `query` ([D] unit features), best first."""
@@ -243,3 +265,45 @@ class ImageIndex:
         top = scores.topk(min(k, len(scores)))
         return [Hit(rank + 1, score, self.items[i]["key"], str(self.image_path(self.items[i])), self.items[i].get("caption"))
                 for rank, (score, i) in enumerate(zip(top.values.tolist(), top.indices.tolist()))]
+
+
+def check_apart(index_dir: str | Path, source: str) -> None:
+    """An index directory that is, holds or lies inside a local source would index its own thumbnails,
+    and a `--rebuild` would take the user's images with it."""
+    local = local_path(source)
+    if local is None:
+        return
+    index, source_dir = Path(index_dir).resolve(), local.resolve()
+    if index == source_dir or index.is_relative_to(source_dir) or source_dir.is_relative_to(index):
+        raise SearchIndexError(f"--index {index_dir} overlaps --source {source}: give the index a directory of its "
+                               "own, outside the source and not holding it")
+
+
+def local_path(source: str) -> Path | None:
+    """The local directory (or file) a source names, up to its first glob or brace list; None for a URL."""
+    if is_remote(source):
+        return None
+    parts = Path(source.removeprefix("file://")).parts
+    fixed = list(itertools.takewhile(lambda part: not any(c in part for c in "*?[{"), parts))
+    return Path(*fixed) if fixed else Path(".")
+
+
+def remove_index(index_dir: str | Path) -> None:
+    """Delete an index: only the files `build` writes, and the directories if that empties them (the
+    directory may hold the user's other files)."""
+    directory = Path(index_dir)
+    if not (directory / INDEX_FILE).is_file():
+        return
+    for sub, written in _WRITTEN.items():
+        if (directory / sub).is_dir() and not (directory / sub).is_symlink():  # a link leads out of the index
+            for file in (directory / sub).iterdir():
+                if file.is_file() and written.fullmatch(file.name):
+                    file.unlink()
+            _remove_if_empty(directory / sub)
+    (directory / INDEX_FILE).unlink()
+    _remove_if_empty(directory)
+
+
+def _remove_if_empty(directory: Path) -> None:
+    if not any(directory.iterdir()):
+        directory.rmdir()
