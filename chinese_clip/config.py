@@ -77,6 +77,9 @@ class ShardSourceConfig:
     # ({00000..09999}.tar), local or an fsspec URL (s3://, gs://, hf://, https://)
     path: str = ""
     weight: float = 1.0  # relative share of each batch's samples; a small source with a large weight repeats
+    # Curated shards (data_tools/curate.py write a score column): train only on pairs scoring at least
+    # this, so another threshold needs no rebuild. The others are filtered and logged with their score.
+    min_score: Optional[float] = None
 
 
 @dataclass

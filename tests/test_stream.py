@@ -243,3 +243,34 @@ def test_webdataset_tars_stream_like_shards_filtered_by_build_shards_rules_and_r
     # the skipped ones are bad samples and count towards the limit; the filtered one does not
     with pytest.raises(DataError, match=r"2 of the \d+ samples .* data.max_bad_fraction=0.05 .*: no caption .* Tars hold"):
         take(loader(data_cfg(tars, num_workers=1, bad_check_after=29, max_bad_fraction=0.05)), 8)
+
+
+def test_min_score_trains_only_on_pairs_scoring_at_least_it_and_logs_the_rest(tmp_path):
+    shards = make_shards(tmp_path / "a", shards=4, rows=10)
+    scores = {}
+    for shard in sorted(shards.glob("shard-*.parquet")):  # as data_tools/curate.py writes them: a score per row
+        table = pq.read_table(shard)
+        column = [round(0.1 * (i % 10), 1) for i in range(table.num_rows)]
+        scores |= {f"0:{row_id}": score for row_id, score in zip(table.column("id").to_pylist(), column)}
+        pq.write_table(table.append_column("score", pa.array(column, pa.float32())), shard)
+    log = tmp_path / "skipped.jsonl"
+    cfg = data_cfg(shards, num_workers=1)
+    cfg.shards[0].min_score = 0.5
+    batches = loader(cfg, skip_log=log)
+    read = [i for batch in take(batches, 5)[0] for i in batch]  # the 20 pairs scoring 0.5 or more: one epoch
+    assert sorted(read) == sorted(i for i, score in scores.items() if score >= 0.5)
+    filtered = [json.loads(line) for line in log.read_text().splitlines()]
+    assert {d["reason"] for d in filtered} == {f"score {s:.4f} under min_score 0.5" for s in (0.0, 0.1, 0.2, 0.3, 0.4)}
+    assert batches.counts["filtered"] == len(filtered) and batches.counts["skipped"] == 0
+
+    # another threshold continues from the same position: it filters rows after they are read
+    _, _, position = take(loader(cfg), 2)
+    cfg.shards[0].min_score = 0.8
+    assert all(scores[i] >= 0.8 for batch in take(loader(cfg, position=position), 2)[0] for i in batch)
+
+    with pytest.raises(ConfigError, match="has no score column; training reads the shards that data_tools/curate.py"):
+        open_sources(DataConfig(source="shards", shards=[ShardSourceConfig(str(make_shards(tmp_path / "b")), min_score=0.5)]),
+                     1, lambda _: None)
+    tars = write_tars(tmp_path / "tars", pairs=4, per_tar=2, image_size=32)
+    with pytest.raises(ConfigError, match="tars have no scores"):
+        open_sources(DataConfig(source="shards", shards=[ShardSourceConfig(str(tars), min_score=0.5)]), 1, lambda _: None)

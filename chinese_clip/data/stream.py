@@ -28,6 +28,7 @@ import re
 from bisect import bisect
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from functools import partial
 from itertools import accumulate, islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
@@ -69,6 +70,11 @@ class ShardSource:
     rows: int | None  # unknown for tars, which have no footer to count them from
     weight: float
     kind: str = "parquet"  # or "tar"
+    min_score: float | None = None
+
+    @property
+    def columns(self) -> list[str]:
+        return COLUMNS + (["score"] if self.min_score is not None else [])
 
 
 def open_sources(cfg: DataConfig, world_size: int, say: Callable[[str], None] = print) -> list[ShardSource]:
@@ -85,13 +91,18 @@ def open_sources(cfg: DataConfig, world_size: int, say: Callable[[str], None] = 
     for entry in cfg.shards:
         files = shard_files(entry.path)
         if files[0].lower().endswith(".tar"):
+            if entry.min_score is not None:
+                raise ConfigError(f"data.shards: {entry.path}: min_score filters curated shards (data_tools/curate.py "
+                                  "writes their score column); tars have no scores")
             source = ShardSource(entry.path, tuple(files), None, entry.weight, "tar")
             say(f"data: {entry.path}: {len(files)} webdataset tars, weight {entry.weight:g}")
         else:
+            columns = COLUMNS + (["score"] if entry.min_score is not None else [])
             with ThreadPoolExecutor(16) as pool:  # footers only; on network storage the latency adds up
-                rows = list(pool.map(_rows_in_shard, files))
+                rows = list(pool.map(partial(_rows_in_shard, columns=columns), files))
             _check_complete(entry.path, files, rows)
-            source = ShardSource(entry.path, tuple(f for f, n in zip(files, rows) if n), sum(rows), entry.weight)
+            source = ShardSource(entry.path, tuple(f for f, n in zip(files, rows) if n), sum(rows), entry.weight,
+                                 min_score=entry.min_score)
             say(f"data: {entry.path}: {sum(rows):,} pairs in {len(source.files)} shards, weight {entry.weight:g}")
         kept = source.files
         if len(kept) < readers:
@@ -146,15 +157,16 @@ def _finished_parts(path: str, fs, parts: list[str], what: str) -> list[str]:
     return [full_path(fs, p, path) for p in parts]
 
 
-def _rows_in_shard(file: str) -> int:
+def _rows_in_shard(file: str, columns: list[str] = COLUMNS) -> int:
     try:
         with open_binary(file) as stream:
             meta = pq.ParquetFile(stream)
     except Exception as e:  # pyarrow raises several types for a file that is not parquet
         raise ConfigError(f"data.shards: {file} is not a readable parquet file ({e})") from None
-    if missing := [c for c in COLUMNS if c not in meta.schema_arrow.names]:
+    if missing := [c for c in columns if c not in meta.schema_arrow.names]:
+        made_by = "data_tools/curate.py" if missing == ["score"] else "data_tools/build_shards.py"
         raise ConfigError(f"data.shards: {file} has no {', '.join(missing)} column; training reads the shards that "
-                          "data_tools/build_shards.py writes")
+                          f"{made_by} writes")
     return meta.metadata.num_rows
 
 
@@ -177,11 +189,11 @@ def _check_complete(path: str, files: list[str], rows: list[int]) -> None:
                                   f"{count:,}: a shard was removed or replaced")
 
 
-def _shard_rows(files: list[str]) -> Iterator[dict]:
+def _shard_rows(files: list[str], columns: tuple[str, ...]) -> Iterator[dict]:
     """The rows of `files`, in order; datasets hands each reader a subset of the files."""
     for file in files:
         with open_binary(file) as stream:
-            for batch in pq.ParquetFile(stream).iter_batches(batch_size=256, columns=COLUMNS):
+            for batch in pq.ParquetFile(stream).iter_batches(batch_size=256, columns=list(columns)):
                 yield from batch.to_pylist()
 
 
@@ -226,7 +238,9 @@ class ShardStream(IterableDataset):
             rows = datasets.IterableDataset.from_generator(_tar_rows, features=features,
                                                            gen_kwargs={"files": list(source.files)})
         else:
-            rows = datasets.IterableDataset.from_generator(_shard_rows, gen_kwargs={"files": list(source.files)})
+            # datasets splits every list in gen_kwargs between readers: the columns go as a tuple
+            rows = datasets.IterableDataset.from_generator(_shard_rows, gen_kwargs={"files": list(source.files),
+                                                                                    "columns": tuple(source.columns)})
         return split_dataset_by_node(rows.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer),
                                      rank=self.rank, world_size=self.world_size)
 
@@ -287,6 +301,8 @@ class ShardStream(IterableDataset):
                 raise FilteredSample(problem)
         elif not caption:
             raise UnusableSample("empty caption")
+        elif self.sources[source].min_score is not None and row["score"] < self.sources[source].min_score:
+            raise FilteredSample(f"score {row['score']:.4f} under min_score {self.sources[source].min_score:g}")
         pixels = decode(row["image"])
         if self.sources[source].kind == "tar" and (problem := size_problem(pixels.shape[2], pixels.shape[1])):
             raise FilteredSample(problem)
@@ -356,7 +372,9 @@ def stream_layout(sources: list[ShardSource], cfg: DataConfig, world_size: int, 
     redacted: it is saved in checkpoints, and a URL signed anew for the resumed run still names the same data."""
     return {"world_size": world_size, "num_workers": cfg.num_workers, "seed": seed,
             "shuffle_buffer": cfg.shuffle_buffer,
-            "sources": [redact(asdict(s) | {"files": len(s.files)}) for s in sources]}
+            # min_score left out: it filters rows after they are read, so a position holds under another one
+            "sources": [redact({k: v for k, v in asdict(s).items() if k != "min_score"} | {"files": len(s.files)})
+                        for s in sources]}
 
 
 def start_states(position: dict | None, layout: dict, reset: bool) -> tuple[dict[str, dict], int]:

@@ -7,8 +7,9 @@ the key is the member's directory plus its basename up to the basename's first d
 must differ from webdataset is order: it groups only adjacent members, so a tar made with
 `tar -cf x.tar .` (members in directory order, a sample's image and caption apart) would come out as
 halves. Here a run of adjacent members that lacks its image or caption waits for the rest of its
-key; whole samples stream out at once, so only incomplete ones are ever held, and only up to
-MAX_WAITING_BYTES. The caption is `.txt`, else `.json`'s caption or text; the image `.jpg`, `.jpeg`,
+key; a sample goes out once it has both (a caption is a .txt, or a .json that holds one), and a
+member of it that comes later is left out, so every order of the same members gives the same
+samples. Only incomplete samples are ever held, and only up to MAX_WAITING_BYTES. The caption is `.txt`, else `.json`'s caption or text; the image `.jpg`, `.jpeg`,
 `.png` or `.webp`; other members are not read, nor is one over MAX_MEMBER_BYTES.
 """
 from __future__ import annotations
@@ -43,15 +44,19 @@ def tar_samples(url: str) -> Iterator[Sample]:
     cannot be used whole; a tar cut short ends with the samples it cut, each with a problem."""
     waiting: dict[str, dict[str, bytes]] = {}  # incomplete samples by key, the longest waiting first
     held = 0  # their bytes
+    gone: set[str] = set()  # samples already out: a member of theirs that comes later is left out, not a new sample
     key, files = None, {}
 
     def finish(key: str, files: dict[str, bytes]) -> Iterator[Sample]:
         """A run of adjacent members ended: its sample goes out if whole now, else waits for the rest."""
         nonlocal held
+        if key in gone:
+            return
         earlier = waiting.pop(key, {})
         held -= _size(earlier)
         merged = {**earlier, **files}
         if _whole(merged):
+            gone.add(key)
             yield key, *caption_and_image(key, merged)
             return
         waiting[key] = merged
@@ -59,6 +64,7 @@ def tar_samples(url: str) -> Iterator[Sample]:
         while held > MAX_WAITING_BYTES:
             oldest = next(iter(waiting))
             held -= _size(waiting.pop(oldest))
+            gone.add(oldest)
             yield oldest, None, None, (f"image and caption too far apart in the tar: over "
                                        f"{MAX_WAITING_BYTES >> 20} MiB of incomplete samples came between them")
 
@@ -82,7 +88,9 @@ def tar_samples(url: str) -> Iterator[Sample]:
                     if key is not None:
                         yield from finish(key, files)
                     key, files = member_key, {}
-                if used and too_big:
+                if used and too_big and key not in gone:
+                    gone.add(key)
+                    held -= _size(waiting.pop(key, {}))
                     yield key, None, None, (f"{name} is {member.size:,} bytes, over the "
                                             f"{MAX_MEMBER_BYTES >> 20} MiB limit")
                 elif used:
@@ -106,7 +114,17 @@ def _size(files: dict[str, bytes]) -> int:
 
 
 def _whole(files: dict[str, bytes]) -> bool:
-    return any(e in files for e in IMAGE_EXTENSIONS) and any(e in files for e in CAPTION_EXTENSIONS)
+    """An image and a caption: a .txt, or a .json that holds one. img2dataset writes a .json for every
+    sample, with a caption only when asked: an image and such a .json still wait for their .txt."""
+    if not any(e in files for e in IMAGE_EXTENSIONS):
+        return False
+    if "txt" in files:
+        return True
+    try:
+        meta = json.loads(files.get("json", b"null"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False  # said when the tar ends, if no .txt came
+    return isinstance(meta, dict) and bool(meta.get("caption") or meta.get("text"))
 
 
 def caption_and_image(key: str, files: dict[str, bytes]) -> tuple[str | None, bytes | None, str | None]:
