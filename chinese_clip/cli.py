@@ -18,6 +18,6 @@ def _command(module: str) -> Callable[[], None]:
 
 pretrain, finetune, evaluate, export, predict = (
     _command(f"chinese_clip.recipes.{name}") for name in ("pretrain", "finetune", "evaluate", "export", "predict"))
-build_shards, clean_captions, inspect_data, preview_synthetic = (
-    _command(f"chinese_clip.data_tools.{name}") for name in ("build_shards", "clean_captions", "inspect_data",
+build_shards, clean_captions, curate, inspect_data, preview_synthetic = (
+    _command(f"chinese_clip.data_tools.{name}") for name in ("build_shards", "clean_captions", "curate", "inspect_data",
                                                              "preview_synthetic"))

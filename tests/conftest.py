@@ -7,6 +7,7 @@ import contextlib
 import functools
 import io
 import json
+import math
 import os
 import re
 import runpy
@@ -385,6 +386,26 @@ def cn_clip_checkpoint(path: Path) -> Path:
     state = {f"module.{name}": value for name, value in model.state_dict().items()}
     torch.save({"epoch": 1, "step": 100, "name": "tiny", "state_dict": state}, path)
     return path
+
+
+def responsive_model(out: Path) -> Path:
+    """A tiny random model (saved as a model directory) whose features depend on the input as a trained
+    model's do: at initialisation the blocks' small weights leave every image (and text) at nearly the
+    same feature, so they are scaled up; with CLIP's largest logit scale, probabilities are far from uniform."""
+    from chinese_clip.checkpoints import save_pretrained
+    from chinese_clip.config import Config
+    from chinese_clip.model import ChineseCLIP
+    from chinese_clip.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    model = ChineseCLIP(TINY)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(100))
+        for name, weight in model.named_parameters():
+            if weight.ndim == 2 and any(part in name for part in ("blocks", "encoder.layer", "patch_embed")):
+                weight.mul_(5)
+    save_pretrained(model.state_dict(), Config(model=TINY), out, load_tokenizer())
+    return out
 
 
 def synthetic_pairs(size: int, image_size: int, seed: int = 0):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import html
 import json
-import math
 import os
 import runpy
 import shutil
@@ -19,16 +18,14 @@ import pytest
 import torch
 from PIL import Image
 
-from chinese_clip.checkpoints import export_hf, save_pretrained
-from chinese_clip.config import Config
+from chinese_clip.checkpoints import export_hf
 from chinese_clip.data.synthetic import SyntheticShapes
 from chinese_clip.inference import load_model
-from chinese_clip.model import ChineseCLIP
 from chinese_clip.search import index as search_index
 from chinese_clip.search.app import SearchService, _handler, make_server
 from chinese_clip.search.index import ImageIndex, SearchIndexError, remove_index
-from chinese_clip.tokenizer import load_tokenizer
-from tests.conftest import ROOT, TINY, animated, decompression_bomb, peak_memory_growth, write_shards
+from tests.conftest import (ROOT, TINY, animated, decompression_bomb, peak_memory_growth, responsive_model,
+                            write_shards)
 from tests.tolerances import FEATURES
 
 PREDICT = str(ROOT / "recipes" / "predict.py")
@@ -47,19 +44,7 @@ FP16_INDEX = 2e-3
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    """A tiny random model whose features depend on the input as a trained model's do: at initialisation
-    the blocks' small weights leave every image (and text) at nearly the same feature, so they are
-    scaled up; with CLIP's largest logit scale, probabilities are far from uniform."""
-    torch.manual_seed(0)
-    model = ChineseCLIP(TINY)
-    with torch.no_grad():
-        model.logit_scale.fill_(math.log(100))
-        for name, weight in model.named_parameters():
-            if weight.ndim == 2 and any(part in name for part in ("blocks", "encoder.layer", "patch_embed")):
-                weight.mul_(5)
-    out = tmp_path_factory.mktemp("model") / "model"
-    save_pretrained(model.state_dict(), Config(model=TINY), out, load_tokenizer())
-    return out
+    return responsive_model(tmp_path_factory.mktemp("model") / "model")
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,10 @@ AWS_ENDPOINT_URL for S3-compatible servers); messages name URLs and nothing else
 """
 from __future__ import annotations
 
+import itertools
 import os
 from collections import defaultdict
+from pathlib import Path
 from typing import IO
 
 import fsspec
@@ -82,3 +84,22 @@ def full_path(fs: fsspec.AbstractFileSystem, inner: str, entry: str) -> str:
     if isinstance(fs, LocalFileSystem):
         return inner if entry.startswith(("/", "file://")) else os.path.relpath(inner)
     return fs.unstrip_protocol(inner)
+
+
+def local_path(source: str) -> Path | None:
+    """The local directory (or file) a source names, up to its first glob or brace list; None for a URL."""
+    if is_remote(source):
+        return None
+    parts = Path(source.removeprefix("file://")).parts
+    fixed = list(itertools.takewhile(lambda part: not any(c in part for c in "*?[{"), parts))
+    return Path(*fixed) if fixed else Path(".")
+
+
+def overlaps(directory: str | Path, source: str) -> bool:
+    """Whether a directory a tool writes (and may later delete from) is, holds or lies inside a local
+    source: the user's data must never be in the way of a rebuild."""
+    local = local_path(source)
+    if local is None:
+        return False
+    written, read = Path(directory).resolve(), local.resolve()
+    return written == read or written.is_relative_to(read) or read.is_relative_to(written)

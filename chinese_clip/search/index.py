@@ -18,7 +18,6 @@ the next build continues from there.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 import re
@@ -33,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from chinese_clip.data.images import BadImage, open_image, to_rgb
 from chinese_clip.data.readers import IMAGE_SUFFIXES, image_files
-from chinese_clip.data.storage import is_remote, open_binary
+from chinese_clip.data.storage import open_binary, overlaps
 from chinese_clip.data.stream import shard_files
 from chinese_clip.evaluation.retrieval_set import is_shard_path
 from chinese_clip.inference import Predictor
@@ -268,24 +267,10 @@ class ImageIndex:
 
 
 def check_apart(index_dir: str | Path, source: str) -> None:
-    """An index directory that is, holds or lies inside a local source would index its own thumbnails,
-    and a `--rebuild` would take the user's images with it."""
-    local = local_path(source)
-    if local is None:
-        return
-    index, source_dir = Path(index_dir).resolve(), local.resolve()
-    if index == source_dir or index.is_relative_to(source_dir) or source_dir.is_relative_to(index):
+    """The index would index its own thumbnails, and a `--rebuild` would take the user's images with it."""
+    if overlaps(index_dir, source):
         raise SearchIndexError(f"--index {index_dir} overlaps --source {source}: give the index a directory of its "
                                "own, outside the source and not holding it")
-
-
-def local_path(source: str) -> Path | None:
-    """The local directory (or file) a source names, up to its first glob or brace list; None for a URL."""
-    if is_remote(source):
-        return None
-    parts = Path(source.removeprefix("file://")).parts
-    fixed = list(itertools.takewhile(lambda part: not any(c in part for c in "*?[{"), parts))
-    return Path(*fixed) if fixed else Path(".")
 
 
 def remove_index(index_dir: str | Path) -> None:
