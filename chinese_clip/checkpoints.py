@@ -360,3 +360,10 @@ def prepare_init(cfg: Config, log: Callable[[str], None] = print,
                     raise ConfigError(f"{key}: {e}") from None
                 log(f"{key}: {source}" + (f" (not used: {', '.join(unused)})" if unused else ""))
     return start_towers
+
+
+def model_stamp(model_path: str | Path) -> dict:
+    """What identifies the model's weights: the files' sizes and modification times."""
+    path = Path(model_path).resolve()
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin"))
+    return {"path": str(path), "weights": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}

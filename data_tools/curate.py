@@ -45,8 +45,9 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit(f"error: --out {args.out} overlaps the source {args.source}: curate into a directory of its own")
     try:
         predictor = load_model(args.model, batch_size=args.batch_size, num_workers=args.num_workers)
-        counts = curate(read_pairs(args.source, args.split), Path(args.out), predictor, args.min_score,
-                        args.keep_fraction, rows_per_shard=args.rows_per_shard, workers=args.workers)
+        counts = curate(read_pairs(args.source, args.split), f"{args.source} ({args.split})", Path(args.out), args.model,
+                        predictor, args.min_score, args.keep_fraction, rows_per_shard=args.rows_per_shard,
+                        workers=args.workers)
     except (ConfigError, CurateError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     print(summary_table({**counts, "shards_resumed": 0}))

@@ -11,6 +11,7 @@ import math
 import os
 import re
 import runpy
+import shutil
 import signal
 import socket
 import struct
@@ -478,6 +479,21 @@ def write_class_folder(root: Path, per_class=(3, 2, 0)) -> Path:
         names.append(class_name(label))
     (root / "label_cn.txt").write_text("\n".join(names) + "\n", encoding="utf-8")
     return root / "test"
+
+
+def chromium_driver():
+    """Headless Chromium through selenium: Debian's chromium + chromium-driver (which .ci/run installs)."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    driver_path, browser = shutil.which("chromedriver"), shutil.which("chromium") or shutil.which("chromium-browser")
+    if not (driver_path and browser):
+        if os.environ.get("REQUIRE_BROWSER"):
+            pytest.fail("chromium and chromedriver are not installed (apt-get install chromium chromium-driver)")
+        pytest.skip("no chromium/chromedriver on this machine")
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,1600"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_path), options=options)
 
 
 # -- hostile inputs -------------------------------------------------------------------------------

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from chinese_clip.config import DataConfig, ShardSourceConfig
-from chinese_clip.data.curate import curate
+from chinese_clip.data.curate import CurateError, curate
 from chinese_clip.data.stream import open_sources
 from chinese_clip.inference import load_model
-from tests.conftest import ROOT, error_lines, responsive_model, synthetic_pairs, write_tars
+from tests.conftest import ROOT, chromium_driver, error_lines, responsive_model, synthetic_pairs, write_tars
 from tests.tolerances import FEATURES
 
 CURATE = str(ROOT / "data_tools" / "curate.py")
@@ -51,6 +52,23 @@ def test_the_best_fraction_is_kept_scored_as_the_model_scores_and_every_input_ac
     texts = predictor.encode_texts([row["caption"] for row in kept])
     assert [row["score"] for row in kept] == pytest.approx((images * texts).sum(dim=1).tolist(), abs=FEATURES)
 
+    # the report: counts that add up, the histogram, and the pairs at the score quantiles shown in a browser
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert (report["kept"], report["dropped"]) == (15, {"score under the threshold": 15})
+    assert report["by_input"] == {f"0000{i}.tar": {"kept": n, "dropped": 10 - n} for i, n in enumerate(
+        [sum(row["source"].startswith(f"0000{i}.tar/") for row in kept) for i in range(3)])}
+    assert (out / "report" / "scores.png").read_bytes().startswith(b"\x89PNG")
+    browser = chromium_driver()
+    try:
+        browser.get((out / "report" / "examples.html").as_uri())
+        notes = [n.text for n in browser.find_elements("css selector", "figcaption small")]
+        shown = [float(note.split("score ")[1].split(",")[0]) for note in notes]
+        assert len(notes) == 11 and shown == sorted(shown) and shown[-1] == pytest.approx(max(r["score"] for r in kept), abs=5e-5)  # 4 decimals shown
+        assert [("kept" in note) for note in notes] == [score >= summary["threshold"] for score in shown]
+        assert browser.execute_script("return Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
+    finally:
+        browser.quit()
+
     # training reads the output as shards, and min_score raises the threshold without a rebuild
     [source] = open_sources(DataConfig(source="shards", shards=[ShardSourceConfig(str(out), min_score=0.0)]), 1,
                             lambda _: None)
@@ -73,16 +91,35 @@ def test_an_interrupted_curation_resumes_with_nothing_scored_twice(model_dir, tm
         calls.append(len(images))
         return encode(images)
 
+    def run(out: Path, **threshold) -> dict:
+        return curate(synthetic_pairs(20, 48), "synthetic", out, model_dir, predictor, rows_per_shard=6, **threshold)
+
     predictor.encode_readable = dies_on_the_third_shard
     with pytest.raises(KeyboardInterrupt):
-        curate(synthetic_pairs(20, 48), tmp_path / "resumed", predictor, keep_fraction=0.4, rows_per_shard=6)
+        run(tmp_path / "resumed", keep_fraction=0.4)
     predictor.encode_readable = lambda images: calls.append(len(images)) or encode(images)
-    resumed = curate(synthetic_pairs(20, 48), tmp_path / "resumed", predictor, keep_fraction=0.4, rows_per_shard=6)
+    resumed = run(tmp_path / "resumed", keep_fraction=0.4)
     assert calls == [6, 6, 6, 2]  # shards 0 and 1 before the interruption, 2 and 3 after it
     predictor.encode_readable = encode
-    whole = curate(synthetic_pairs(20, 48), tmp_path / "whole", predictor, keep_fraction=0.4, rows_per_shard=6)
+    whole = run(tmp_path / "whole", keep_fraction=0.4)
     assert resumed == whole and rows(tmp_path / "resumed") == rows(tmp_path / "whole")
     assert len(rows(tmp_path / "whole")) == math.ceil(0.4 * 20)
+
+    # another model's scores are not reused; another input, or a directory of other files, is refused
+    other = tmp_path / "other_model"
+    shutil.copytree(model_dir, other)
+    (other / "model.safetensors").touch()
+    calls.clear()
+    predictor.encode_readable = lambda images: calls.append(len(images)) or encode(images)
+    curate(synthetic_pairs(20, 48), "synthetic", tmp_path / "whole", other, predictor, rows_per_shard=6, keep_fraction=0.4)
+    assert calls == [6, 6, 6, 2]
+    with pytest.raises(CurateError, match="holds the curation of synthetic .*curate into another --out"):
+        curate(synthetic_pairs(20, 48), "elsewhere", tmp_path / "whole", model_dir, predictor, keep_fraction=0.4)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "shard-00000.parquet").write_bytes(b"a dataset of the user's")
+    with pytest.raises(CurateError, match="holds other files: curate into a new directory"):
+        run(tmp_path / "mine", keep_fraction=0.4)
+    assert (tmp_path / "mine" / "shard-00000.parquet").read_bytes() == b"a dataset of the user's"
 
 
 def test_what_would_leave_nothing_or_overwrite_the_input_stops_with_one_line(model_dir, tmp_path, in_process):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import runpy
 import shutil
 import socket
@@ -24,7 +23,7 @@ from chinese_clip.inference import load_model
 from chinese_clip.search import index as search_index
 from chinese_clip.search.app import SearchService, _handler, make_server
 from chinese_clip.search.index import ImageIndex, SearchIndexError, remove_index
-from tests.conftest import (ROOT, TINY, animated, decompression_bomb, peak_memory_growth, responsive_model,
+from tests.conftest import (ROOT, TINY, animated, chromium_driver, decompression_bomb, peak_memory_growth, responsive_model,
                             write_shards)
 from tests.tolerances import FEATURES
 
@@ -222,21 +221,6 @@ def test_search_recipe_on_shards_and_folders_writes_json_and_a_gallery(model_dir
     missing = predict_error(["search", "--index", str(tmp_path / "nowhere"), "猫"], capsys)
     assert missing == (f"error: {tmp_path / 'nowhere'}: not an image index (no index.json); build one with "
                        "`recipes/predict.py index`")
-
-
-def chromium_driver():
-    """Headless Chromium through selenium: Debian's chromium + chromium-driver (which .ci/run installs)."""
-    webdriver = pytest.importorskip("selenium.webdriver")
-    driver_path, browser = shutil.which("chromedriver"), shutil.which("chromium") or shutil.which("chromium-browser")
-    if not (driver_path and browser):
-        if os.environ.get("REQUIRE_BROWSER"):
-            pytest.fail("chromium and chromedriver are not installed (apt-get install chromium chromium-driver)")
-        pytest.skip("no chromium/chromedriver on this machine")
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,1600"):
-        options.add_argument(flag)
-    return webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_path), options=options)
 
 
 @pytest.mark.slow

@@ -6,6 +6,9 @@ CLIP, and only the pairs above a threshold (or the best fraction) kept for train
     OUT/shard-NNNNN.parquet         the kept pairs of clean shard NNNNN, with a score column
     OUT/quarantine/NNNNN.jsonl      every input dropped, with its reason (unusable, or its score)
     OUT/summary.json                build_shards' counts (training checks its shards against them), the threshold
+    OUT/report/                     what a person reads before choosing a threshold: report.json (counts by
+                                    reason and by input, score quantiles), scores.png (kept and dropped),
+                                    examples.html (the pairs at every tenth quantile of the scores, inline)
 
 Cleaning and scoring are the slow steps and resume shard by shard after an interruption; choosing
 another threshold reuses both and rewrites only OUT's shards. OUT is build_shards' layout, so
@@ -13,33 +16,46 @@ training reads it as any shards (and `data.shards[].min_score` raises the thresh
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
+import re
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from PIL import Image
 from tqdm import tqdm
 
+from chinese_clip.checkpoints import model_stamp
 from chinese_clip.data.readers import RawPair
+from chinese_clip.data.report import plot_scores, sample_page
 from chinese_clip.data.shards import SCHEMA, ShardRules, build_shards
 from chinese_clip.inference import Predictor
 
 CURATED_SCHEMA = SCHEMA.append(pa.field("score", pa.float32()))
+QUANTILES = [q / 10 for q in range(11)]  # the report shows the pair at each: lowest, p10, ..., highest
 
 
 class CurateError(ValueError):
     """An input or a threshold that leaves nothing to write; str() says which."""
 
 
-def score_shards(clean_dir: Path, scores_dir: Path, predictor: Predictor) -> None:
-    """The score of every pair of each clean shard that has none yet: the cosine of its image and caption
-    features, images decoded in the predictor's DataLoader workers."""
+def score_shards(clean_dir: Path, scores_dir: Path, predictor: Predictor, model: dict) -> None:
+    """The score of every pair of each clean shard that has none yet by `model` (its model_stamp): the
+    cosine of its image and caption features, images decoded in the predictor's DataLoader workers."""
     scores_dir.mkdir(parents=True, exist_ok=True)
+    stamp = scores_dir / "model.json"
+    if not stamp.is_file() or json.loads(stamp.read_text()) != model:  # another model's scores mean nothing here
+        for file in scores_dir.glob("*.parquet"):
+            file.unlink()
+        stamp.write_text(json.dumps(model, indent=2))
     shards = sorted(clean_dir.glob("shard-*.parquet"))
     todo = [s for s in shards if not (scores_dir / f"{s.name[6:11]}.parquet").is_file()]
     rows = sum(pq.ParquetFile(s).metadata.num_rows for s in todo)
@@ -86,12 +102,19 @@ def select(work: Path, out: Path, min_score: float | None, keep_fraction: float 
               "threshold": threshold}
     (out / "quarantine").mkdir(parents=True, exist_ok=True)
     ready = []
+    by_input: dict[str, Counter] = {}
+    ranked = sorted(scores, key=scores.get)
+    shown = {ranked[round(q * (len(ranked) - 1))]: q for q in QUANTILES}
+    examples = []
     for shard in sorted(clean.glob("shard-*.parquet")):
         number = shard.name[6:11]
         rows = pq.read_table(shard).to_pylist()
         kept, dropped = [], []
         for row in rows:
             score = scores[row["id"]]
+            by_input.setdefault(input_name(row["source"]), Counter())["kept" if score >= threshold else "dropped"] += 1
+            if row["id"] in shown:
+                examples.append((shown[row["id"]], score, row))
             if score >= threshold:
                 kept.append({**row, "score": score})
             else:
@@ -106,6 +129,10 @@ def select(work: Path, out: Path, min_score: float | None, keep_fraction: float 
         listing = out / "quarantine" / f".{number}.jsonl.partial"
         listing.write_text(unusable + "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in dropped), encoding="utf-8")
         ready += [(partial, out / shard.name), (listing, out / "quarantine" / f"{number}.jsonl")]
+    for line in (clean / "quarantine").glob("*.jsonl"):
+        for dropped_input in map(json.loads, line.read_text(encoding="utf-8").splitlines()):
+            by_input.setdefault(input_name(dropped_input["source"]), Counter())["unusable"] += 1
+    ready += write_report(out, counts, scores, threshold, by_input, sorted(examples, key=lambda e: e[0]))
     (out / "summary.json").unlink(missing_ok=True)  # until every shard is in, the directory is no finished build
     for partial, final in ready:
         os.replace(partial, final)
@@ -114,21 +141,59 @@ def select(work: Path, out: Path, min_score: float | None, keep_fraction: float 
     return counts
 
 
-def curate(pairs: Iterable[RawPair], out: str | Path, predictor: Predictor, min_score: float | None = None,
-           keep_fraction: float | None = None, rules: ShardRules = ShardRules(), rows_per_shard: int = 1000,
-           workers: int = 1) -> dict:
-    """Clean `pairs` (RawPairs, as build_shards does), score them with `predictor` and write the pairs at
-    or above the threshold to `out`; returns the counts (build_shards' keys, and the threshold)."""
+def input_name(source: str) -> str:
+    """The input a pair came from, by its source key: the tar, table or folder before the first / or :."""
+    return re.split(r"[/:]", source, maxsplit=1)[0]
+
+
+def write_report(out: Path, counts: dict, scores: dict[str, float], threshold: float, by_input: dict[str, Counter],
+                 examples: list[tuple[float, float, dict]]) -> list[tuple[Path, Path]]:
+    """The report's files, written aside: (written, final name) of each."""
+    report = out / "report"
+    report.mkdir(exist_ok=True)
+    values = np.array(list(scores.values()))
+    summary = {"threshold": threshold, "inputs": counts["inputs"], "kept": counts["written"],
+               "dropped": dict(Counter(counts["reasons"]).most_common()),
+               "by_input": {name: dict(c) for name, c in sorted(by_input.items())},
+               "score_quantiles": {f"p{round(q * 100)}": float(np.quantile(values, q)) for q in QUANTILES}}
+    files = {"report.json": json.dumps(summary, indent=2, ensure_ascii=False).encode()}
+    files["scores.png"] = plot_scores(values[values >= threshold], values[values < threshold], threshold)
+    files["examples.html"] = sample_page(
+        [(Image.open(io.BytesIO(row["image"])), row["caption"],
+          f"p{round(q * 100)}: score {score:.4f}, {'kept' if score >= threshold else 'dropped'}")
+         for q, score, row in examples], f"pairs at the score quantiles; threshold {threshold:.4f}").encode()
+    ready = []
+    for name, data in files.items():
+        (report / f".{name}.partial").write_bytes(data)
+        ready.append((report / f".{name}.partial", report / name))
+    return ready
+
+
+def curate(pairs: Iterable[RawPair], source: str, out: str | Path, model_path: str | Path, predictor: Predictor,
+           min_score: float | None = None, keep_fraction: float | None = None, rules: ShardRules = ShardRules(),
+           rows_per_shard: int = 1000, workers: int = 1) -> dict:
+    """Clean `pairs` (the RawPairs of `source`, as build_shards does), score them with `predictor` (loaded
+    from `model_path`) and write the pairs at or above the threshold to `out`; returns the counts
+    (build_shards' keys, and the threshold)."""
     if (min_score is None) == (keep_fraction is None):
         raise CurateError("give --min-score or --keep-fraction, one of them")
     if keep_fraction is not None and not 0 < keep_fraction <= 1:
         raise CurateError(f"--keep-fraction must be in (0, 1], got {keep_fraction:g}")
     out = Path(out)
     work = out / "work"
+    made_from = {"source": source, "rules": asdict(rules), "rows_per_shard": rows_per_shard}
+    if (work / "input.json").is_file():
+        if (earlier := json.loads((work / "input.json").read_text())) != made_from:
+            raise CurateError(f"{out} holds the curation of {earlier['source']} (with other rules or shard size "
+                              "if the same): curate into another --out")
+    elif out.is_dir() and any(out.iterdir()):
+        raise CurateError(f"{out} holds other files: curate into a new directory (or one curate wrote)")
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "input.json").write_text(json.dumps(made_from, indent=2, ensure_ascii=False))
     cleaned = build_shards(pairs, work / "clean", rules, rows_per_shard=rows_per_shard, workers=workers)
     if not cleaned["written"]:
         reasons = ", ".join(f"{reason} {n:,}" for reason, n in Counter(cleaned["reasons"]).most_common(3))
         raise CurateError(f"no usable pairs among the {cleaned['inputs']:,} inputs ({reasons or 'the input is empty'})")
-    score_shards(work / "clean", work / "scores", predictor)
+    score_shards(work / "clean", work / "scores", predictor, model_stamp(model_path))
     return select(work, out, min_score, keep_fraction)
 

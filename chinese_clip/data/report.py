@@ -74,11 +74,36 @@ def collect(pairs: Iterable[RawPair], limit: int | None = None, samples: int = 2
     return stats, chosen
 
 
-def plot(stats: DataStats, path: Path) -> None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # no display on training machines
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_scores(kept: np.ndarray, dropped: np.ndarray, threshold: float) -> bytes:
+    """A PNG: the histogram of curation scores, kept and dropped pairs stacked, the threshold marked."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(8, 4.5))
+    scores = np.concatenate([kept, dropped])
+    bins = np.linspace(scores.min(), scores.max() + 1e-6, 50)
+    axis.hist([dropped, kept], bins=bins, stacked=True, color=["#cc6677", "#4477aa"],
+              label=[f"dropped ({len(dropped):,})", f"kept ({len(kept):,})"])
+    axis.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.4f}")
+    axis.set_xlabel("image-text cosine")
+    axis.set_ylabel("pairs")
+    axis.legend()
+    figure.tight_layout()
+    out = io.BytesIO()
+    figure.savefig(out, format="png", dpi=100)
+    plt.close(figure)
+    return out.getvalue()
+
+
+def plot(stats: DataStats, path: Path) -> None:
+    plt = _pyplot()
 
     sides = np.array([stats.widths, stats.heights], dtype=float)
     panels = [("caption length (characters)", stats.caption_chars, False),

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file, save_file
 
+from chinese_clip.checkpoints import model_stamp
 from chinese_clip.data.images import BadImage, open_image, to_rgb
 from chinese_clip.data.readers import IMAGE_SUFFIXES, image_files
 from chinese_clip.data.storage import open_binary, overlaps
@@ -60,13 +61,6 @@ class Hit:
     def to_dict(self) -> dict:
         return {"rank": self.rank, "score": round(self.score, 6), "key": self.key, "image": self.image,
                 **({"caption": self.caption} if self.caption is not None else {})}
-
-
-def model_stamp(model_path: str | Path) -> dict:
-    """What identifies the model's weights: the files' sizes and modification times."""
-    path = Path(model_path).resolve()
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin"))
-    return {"path": str(path), "weights": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
 
 
 class ImageIndex:
