@@ -4,6 +4,7 @@
 #     and on; samples/s, step time, peak memory and MFU against the device's dense bf16 peak
 #   bench/peers.py on the GPU: our step against Chinese-CLIP's CLIP and open_clip's ViT (fp32)
 #   bench/loss_memory.py at GPU-sized global batches (16k and 32k)
+#   bench/curate_speed.py: curate's scoring against predict.py index encoding, images/s
 #
 #   bash bench/gpu_check.sh [OUT.json]        (default: gpu_check.json)
 #
@@ -20,9 +21,17 @@ PEERS_BATCH=${GPU_CHECK_PEERS_BATCH:-64}
 PARTS=$(mktemp -d)
 START=$(date +%s)
 
+BUDGET=${GPU_CHECK_SECONDS:-570}  # the parts' limits add up to more: a late part gets what is left of 10 minutes
+
 part() {  # part NAME SECONDS command...: run it, keep its JSON (--out) or record why there is none
   local name=$1 limit=$2
   shift 2
+  local left=$((BUDGET - ($(date +%s) - START)))
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -le 0 ]; then
+    echo '{"error": "not run: the 10-minute budget was spent"}' > "$PARTS/$name.json"
+    return
+  fi
   echo "== $name (at most ${limit}s)" >&2
   timeout "$limit" "$@" --out "$PARTS/$name.json" > "$PARTS/$name.log" 2>&1
   local rc=$?
@@ -41,6 +50,9 @@ for mask in 0.0 0.5; do
     train.compile=true
 done
 part peers 140 $PY bench/peers.py --batch "$PEERS_BATCH" --steps 5
+# curate's scoring against predict.py index on the same images (issue 26's goal: at least 0.9x)
+part curate_speed 90 $PY bench/curate_speed.py --config "$CONFIG" --images 1000 --workers 8 --batch 256 --repeats 2 \
+  --work-dir "$PARTS/curate_speed"
 # CPU processes over gloo, as everywhere: the loss's memory at a global batch GPUs train with
 part loss_memory 90 $PY bench/loss_memory.py --batches 16384 32768 --losses "clip (local)" "siglip ring" --max-gib 48
 
