@@ -29,7 +29,6 @@ from typing import Iterable
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 from PIL import Image
 from tqdm import tqdm
 
@@ -66,7 +65,7 @@ def score_shards(clean_dir: Path, scores_dir: Path, predictor: Predictor, model:
             if errors:  # build_shards decoded every image it wrote: a shard changed since
                 raise CurateError(f"{shard}: {errors[0]}; remove {clean_dir} to clean the input again")
             texts = predictor.encode_texts(table.column("caption").to_pylist())
-            scores = (images * texts).sum(dim=1) if len(table) else torch.empty(0)
+            scores = (images * texts).sum(dim=1)
             target = scores_dir / f"{shard.name[6:11]}.parquet"
             partial = target.with_name(target.name + ".partial")
             pq.write_table(pa.table({"id": table.column("id"), "score": pa.array(scores.tolist(), pa.float32())}), partial)
