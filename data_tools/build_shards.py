@@ -27,7 +27,7 @@ import sys
 
 from chinese_clip.data.captions import CaptionRules
 from chinese_clip.data.images import ImageRules
-from chinese_clip.data.readers import Part, read_pairs
+from chinese_clip.data.readers import Part, part_argument, read_pairs
 from chinese_clip.data.shards import ShardRules, build_shards, check_parts, summary_table
 
 
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", nargs="?")
     parser.add_argument("--out")
-    parser.add_argument("--part", type=_part, default=Part(), metavar="I/N",
+    parser.add_argument("--part", type=part_argument, default=Part(), metavar="I/N",
                         help="build part I (0-based) of N; every part writes its own part directory in --out")
     parser.add_argument("--check", metavar="OUT", help="check a build split with --part: every input in exactly one part")
     parser.add_argument("--split", default="train", help="for Chinese-CLIP's {split}_imgs.tsv layout")
@@ -67,13 +67,6 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit(f"error: {e}")
     print(summary_table(counts))
     return counts
-
-
-def _part(text: str) -> Part:
-    index, _, count = text.partition("/")
-    if not (index.isdigit() and count.isdigit() and 0 <= int(index) < int(count)):
-        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N, got {text!r}")
-    return Part(int(index), int(count))
 
 
 if __name__ == "__main__":

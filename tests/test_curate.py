@@ -12,6 +12,7 @@ import pytest
 
 from chinese_clip.config import DataConfig, ShardSourceConfig
 from chinese_clip.data.curate import CurateError, curate
+from chinese_clip.data.shards import check_parts
 from chinese_clip.data.stream import open_sources
 from chinese_clip.inference import load_model
 from tests.conftest import ROOT, chromium_driver, error_lines, responsive_model, synthetic_pairs, write_tars
@@ -147,3 +148,28 @@ def test_what_would_leave_nothing_or_overwrite_the_input_stops_with_one_line(mod
     unusable.write_text("".join(json.dumps({"text": "一只猫", "image_path": f"missing{i}.jpg"}) + "\n" for i in range(3)))
     assert error(CURATE, str(unusable), "--model", str(model_dir), "--out", str(tmp_path / "d"), "--min-score", "0",
                  "--workers", "1") == "error: no usable pairs among the 3 inputs (image file not found 3)"
+
+
+def test_parts_curated_apart_are_selected_by_one_threshold_over_all_of_them(model_dir, tmp_path, in_process):
+    tars = write_tars(tmp_path / "tars", pairs=30, per_tar=6, image_size=48)  # 5 tars: parts of 3 and 2
+    out = tmp_path / "parted"
+    part = [CURATE, str(tars), "--model", str(model_dir), "--out", str(out), "--workers", "1", "--num-workers", "0"]
+    result = in_process(*part, "--part", "0/2")
+    assert result.returncode == 0 and "part 0/2 cleaned and scored" in result.stdout, result.stderr[-2000:]
+    select = [CURATE, "--select", "--out", str(out), "--keep-fraction", "0.4"]
+    assert error_lines(in_process(*select)) == [f"error: {out / 'work' / 'clean'}: part 1/2 is missing (curate --part "
+                                                "I/N cleans and scores part I)"]
+    assert in_process(*part, "--part", "1/2").returncode == 0
+    result = in_process(*select)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+    # the same pairs as curating in one piece: the fraction is of the whole input, not of each part
+    whole = tmp_path / "whole"
+    assert in_process(CURATE, str(tars), "--model", str(model_dir), "--out", str(whole), "--workers", "1",
+                      "--num-workers", "0", "--keep-fraction", "0.4").returncode == 0
+    kept = sorted(row["source"] for row in rows(out / "part-00000-of-00002") + rows(out / "part-00001-of-00002"))
+    assert kept == sorted(row["source"] for row in rows(whole)) and len(kept) == 12
+    assert json.loads((out / "summary.json").read_text())["written"] == 12
+    [source] = open_sources(DataConfig(source="shards", shards=[ShardSourceConfig(str(out))]), 1, lambda _: None)
+    assert source.rows == 12  # training reads the parts as one source
+    assert check_parts(out)["inputs"] == 30  # and build_shards --check accounts for every input

@@ -33,9 +33,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from chinese_clip.checkpoints import model_stamp
-from chinese_clip.data.readers import RawPair
+from chinese_clip.data.readers import Part, RawPair
 from chinese_clip.data.report import plot_scores, sample_page
-from chinese_clip.data.shards import SCHEMA, ShardRules, build_shards
+from chinese_clip.data.shards import PART_NAME, SCHEMA, ShardRules, build_shards, check_parts, part_directory
 from chinese_clip.inference import Predictor
 
 CURATED_SCHEMA = SCHEMA.append(pa.field("score", pa.float32()))
@@ -87,55 +87,88 @@ def threshold_of(scores: list[float], min_score: float | None, keep_fraction: fl
     return threshold
 
 
+def units(work: Path) -> list[str]:
+    """The parts of a curation split with --part ("part-IIIII-of-NNNNN"), every one cleaned and scored, or
+    [""] for a curation in one piece."""
+    clean = work / "clean"
+    parts = sorted(d.name for d in clean.iterdir() if PART_NAME.fullmatch(d.name)) if clean.is_dir() else []
+    if not parts:
+        return [""]
+    try:
+        check_parts(clean)  # every part there and finished, every input of the source in exactly one
+    except ValueError as e:
+        raise CurateError(f"{e} (curate --part I/N cleans and scores part I)") from None
+    for part in parts:
+        shards = {s.name[6:11] for s in (clean / part).glob("shard-*.parquet")}
+        if shards - {s.stem for s in (work / "scores" / part).glob("*.parquet")}:
+            raise CurateError(f"{part} is cleaned but not all scored: run its curate --part again")
+    return parts
+
+
 def select(work: Path, out: Path, min_score: float | None, keep_fraction: float | None) -> dict:
-    """OUT's shards, quarantine and summary from the clean shards and their scores. Every new file is
-    written aside first and all are moved in at the end, the summary last."""
-    clean, scores_dir = work / "clean", work / "scores"
-    scores = {}
-    for file in sorted(scores_dir.glob("*.parquet")):
-        table = pq.read_table(file)
-        scores.update(zip(table.column("id").to_pylist(), table.column("score").to_pylist()))
+    """OUT's shards, quarantine and summary (in part directories as the clean shards are) from the clean
+    shards and their scores, the threshold taken over all of them. Every new file is written aside
+    first and all are moved in at the end, each summary last."""
+    check_threshold(min_score, keep_fraction)
+    if not (work / "input.json").is_file():
+        raise CurateError(f"{work.parent}: nothing curated here (no work/input.json)")
+    parts = units(work)
+    scores = {}  # by part and id: build_shards' ids repeat across parts
+    for part in parts:
+        for file in sorted((work / "scores" / part).glob("*.parquet")):
+            table = pq.read_table(file)
+            scores.update(zip((f"{part}/{i}" for i in table.column("id").to_pylist()), table.column("score").to_pylist()))
     threshold = threshold_of(list(scores.values()), min_score, keep_fraction)
-    summary = json.loads((clean / "summary.json").read_text())
-    counts = {"inputs": summary["inputs"], "written": 0, "quarantined": 0, "reasons": Counter(summary["reasons"]),
-              "threshold": threshold}
-    (out / "quarantine").mkdir(parents=True, exist_ok=True)
-    ready = []
+    counts = {"inputs": 0, "written": 0, "quarantined": 0, "reasons": Counter(), "threshold": threshold}
+    ready, summaries = [], []
     by_input: dict[str, Counter] = {}
     ranked = sorted(scores, key=scores.get)
     shown = {ranked[round(q * (len(ranked) - 1))]: q for q in QUANTILES}
     examples = []
-    for shard in sorted(clean.glob("shard-*.parquet")):
-        number = shard.name[6:11]
-        rows = pq.read_table(shard).to_pylist()
-        kept, dropped = [], []
-        for row in rows:
-            score = scores[row["id"]]
-            by_input.setdefault(input_name(row["source"]), Counter())["kept" if score >= threshold else "dropped"] += 1
-            if row["id"] in shown:
-                examples.append((shown[row["id"]], score, row))
-            if score >= threshold:
-                kept.append({**row, "score": score})
-            else:
-                dropped.append({"source": row["source"], "id": row["id"],
-                                "reason": f"score {score:.4f} under {threshold:.4f}"})
-        counts["written"] += len(kept)
-        counts["reasons"]["score under the threshold"] += len(dropped)
-        unusable = (clean / "quarantine" / f"{number}.jsonl").read_text(encoding="utf-8")
-        counts["quarantined"] += len(dropped) + len(unusable.splitlines())
-        partial = out / f"{shard.name}.partial"
-        pq.write_table(pa.Table.from_pylist(kept, schema=CURATED_SCHEMA), partial)
-        listing = out / "quarantine" / f".{number}.jsonl.partial"
-        listing.write_text(unusable + "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in dropped), encoding="utf-8")
-        ready += [(partial, out / shard.name), (listing, out / "quarantine" / f"{number}.jsonl")]
-    for line in (clean / "quarantine").glob("*.jsonl"):
-        for dropped_input in map(json.loads, line.read_text(encoding="utf-8").splitlines()):
-            by_input.setdefault(input_name(dropped_input["source"]), Counter())["unusable"] += 1
+    for part in parts:
+        clean, part_out = work / "clean" / part, out / part
+        cleaned = json.loads((clean / "summary.json").read_text())
+        part_counts = {**cleaned, "written": 0, "quarantined": 0, "reasons": Counter(cleaned["reasons"])}
+        (part_out / "quarantine").mkdir(parents=True, exist_ok=True)
+        for shard in sorted(clean.glob("shard-*.parquet")):
+            number = shard.name[6:11]
+            kept, dropped = [], []
+            for row in pq.read_table(shard).to_pylist():
+                score = scores[f"{part}/{row['id']}"]
+                by_input.setdefault(input_name(row["source"]), Counter())["kept" if score >= threshold else "dropped"] += 1
+                if f"{part}/{row['id']}" in shown:
+                    examples.append((shown[f"{part}/{row['id']}"], score, row))
+                if score >= threshold:
+                    kept.append({**row, "score": score})
+                else:
+                    dropped.append({"source": row["source"], "id": row["id"],
+                                    "reason": f"score {score:.4f} under {threshold:.4f}"})
+            unusable = (clean / "quarantine" / f"{number}.jsonl").read_text(encoding="utf-8")
+            for line in unusable.splitlines():
+                by_input.setdefault(input_name(json.loads(line)["source"]), Counter())["unusable"] += 1
+            part_counts["written"] += len(kept)
+            part_counts["quarantined"] += len(dropped) + len(unusable.splitlines())
+            part_counts["reasons"]["score under the threshold"] += len(dropped)
+            partial = part_out / f"{shard.name}.partial"
+            pq.write_table(pa.Table.from_pylist(kept, schema=CURATED_SCHEMA), partial)
+            listing = part_out / "quarantine" / f".{number}.jsonl.partial"
+            listing.write_text(unusable + "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in dropped),
+                               encoding="utf-8")
+            ready += [(partial, part_out / shard.name), (listing, part_out / "quarantine" / f"{number}.jsonl")]
+        summaries.append((part_out / "summary.json", {**part_counts, "reasons": dict(part_counts["reasons"])}))
+        for key in ("inputs", "written", "quarantined"):
+            counts[key] += part_counts[key]
+        counts["reasons"].update(part_counts["reasons"])
     ready += write_report(out, counts, scores, threshold, by_input, sorted(examples, key=lambda e: e[0]))
-    (out / "summary.json").unlink(missing_ok=True)  # until every shard is in, the directory is no finished build
+    for summary, _ in summaries:  # until every shard is in, a directory is no finished build
+        summary.unlink(missing_ok=True)
+    (out / "summary.json").unlink(missing_ok=True)
     for partial, final in ready:
         os.replace(partial, final)
     counts["reasons"] = dict(counts["reasons"])
+    if parts != [""]:  # each part its own build_shards summary (training and --check read them), and the whole
+        for summary, part_counts in summaries:
+            summary.write_text(json.dumps(part_counts, indent=2))
     (out / "summary.json").write_text(json.dumps(counts, indent=2))
     return counts
 
@@ -170,29 +203,37 @@ def write_report(out: Path, counts: dict, scores: dict[str, float], threshold: f
 
 def curate(pairs: Iterable[RawPair], source: str, out: str | Path, model_path: str | Path, predictor: Predictor,
            min_score: float | None = None, keep_fraction: float | None = None, rules: ShardRules = ShardRules(),
-           rows_per_shard: int = 1000, workers: int = 1) -> dict:
-    """Clean `pairs` (the RawPairs of `source`, as build_shards does), score them with `predictor` (loaded
-    from `model_path`) and write the pairs at or above the threshold to `out`; returns the counts
-    (build_shards' keys, and the threshold)."""
+           rows_per_shard: int = 1000, workers: int = 1, part: Part | None = None) -> dict:
+    """Clean `pairs` (the RawPairs of `source`, or of `part` of it, as build_shards does) and score them with
+    `predictor` (loaded from `model_path`). In one piece, then write the pairs at or above the threshold to
+    `out` and return the counts (build_shards' keys, and the threshold); a part returns its cleaning's
+    counts, and `select` takes the threshold over all parts once every one is scored. `part` is the one
+    the reader of `pairs` was given (it counts what the reader took)."""
+    part = part or Part()
+    if part.count == 1:
+        check_threshold(min_score, keep_fraction)
+    out = Path(out)
+    work = out / "work"
+    made_from = {"source": source, "rules": asdict(rules), "rows_per_shard": rows_per_shard, "parts": part.count}
+    if (work / "input.json").is_file():
+        if (earlier := json.loads((work / "input.json").read_text())) != made_from:
+            raise CurateError(f"{out} holds the curation of {earlier['source']} (with other rules, shard size or parts "
+                              "if the same): curate into another --out")
+    elif out.is_dir() and any(p.name != "work" for p in out.iterdir()):  # work/: another part started first
+        raise CurateError(f"{out} holds other files: curate into a new directory (or one curate wrote)")
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "input.json").write_text(json.dumps(made_from, indent=2, ensure_ascii=False))
+    cleaned = build_shards(pairs, work / "clean", rules, rows_per_shard=rows_per_shard, workers=workers, part=part)
+    if not cleaned["written"] and part.count == 1:
+        reasons = ", ".join(f"{reason} {n:,}" for reason, n in Counter(cleaned["reasons"]).most_common(3))
+        raise CurateError(f"no usable pairs among the {cleaned['inputs']:,} inputs ({reasons or 'the input is empty'})")
+    clean_dir = part_directory(work / "clean", part)
+    score_shards(clean_dir, work / "scores" / clean_dir.relative_to(work / "clean"), predictor, model_stamp(model_path))
+    return select(work, out, min_score, keep_fraction) if part.count == 1 else cleaned
+
+
+def check_threshold(min_score: float | None, keep_fraction: float | None) -> None:
     if (min_score is None) == (keep_fraction is None):
         raise CurateError("give --min-score or --keep-fraction, one of them")
     if keep_fraction is not None and not 0 < keep_fraction <= 1:
         raise CurateError(f"--keep-fraction must be in (0, 1], got {keep_fraction:g}")
-    out = Path(out)
-    work = out / "work"
-    made_from = {"source": source, "rules": asdict(rules), "rows_per_shard": rows_per_shard}
-    if (work / "input.json").is_file():
-        if (earlier := json.loads((work / "input.json").read_text())) != made_from:
-            raise CurateError(f"{out} holds the curation of {earlier['source']} (with other rules or shard size "
-                              "if the same): curate into another --out")
-    elif out.is_dir() and any(out.iterdir()):
-        raise CurateError(f"{out} holds other files: curate into a new directory (or one curate wrote)")
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "input.json").write_text(json.dumps(made_from, indent=2, ensure_ascii=False))
-    cleaned = build_shards(pairs, work / "clean", rules, rows_per_shard=rows_per_shard, workers=workers)
-    if not cleaned["written"]:
-        reasons = ", ".join(f"{reason} {n:,}" for reason, n in Counter(cleaned["reasons"]).most_common(3))
-        raise CurateError(f"no usable pairs among the {cleaned['inputs']:,} inputs ({reasons or 'the input is empty'})")
-    score_shards(work / "clean", work / "scores", predictor, model_stamp(model_path))
-    return select(work, out, min_score, keep_fraction)
-

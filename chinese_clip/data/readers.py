@@ -20,6 +20,7 @@ Tars and parquet files may also be named by an fsspec URL (s3://, https://, ...)
 """
 from __future__ import annotations
 
+import argparse
 import base64
 import csv
 import io
@@ -63,6 +64,14 @@ class Part:
 
     def files(self, files: list) -> list:
         return [f for position, f in enumerate(files) if self.takes(position, "files")]
+
+
+def part_argument(text: str) -> Part:
+    """--part I/N as the data tools' argparse reads it."""
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit() and 0 <= int(index) < int(count)):
+        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N, got {text!r}")
+    return Part(int(index), int(count))
 
 
 @dataclass
