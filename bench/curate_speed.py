@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
-from search_speed import write_photos  # bench/ is the script's directory
+from search_speed import add_photo_arguments, write_photos  # bench/ is the script's directory
 
 from chinese_clip.checkpoints import model_stamp, save_pretrained
 from chinese_clip.config import load_config
@@ -36,11 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(ROOT / "recipes" / "configs" / "tiny_synthetic.yaml"))
-    parser.add_argument("--images", type=int, default=1000)
-    parser.add_argument("--size", type=int, default=384)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=64)
+    add_photo_arguments(parser)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/curate_speed"))
     parser.add_argument("--out")

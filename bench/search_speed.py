@@ -45,13 +45,18 @@ def write_photos(folder: Path, count: int, size: int) -> None:
         Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(folder / f"{i:06d}.jpg", quality=90)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_photo_arguments(parser: argparse.ArgumentParser) -> None:
+    """What the benches that encode photos share: the model's config, the photos, the loader."""
     parser.add_argument("--config", default=str(ROOT / "recipes" / "configs" / "tiny_synthetic.yaml"))
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--size", type=int, default=384)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch", type=int, default=64)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_photo_arguments(parser)
     parser.add_argument("--index-sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/search_speed"))
     parser.add_argument("--out")
