@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from chinese_clip.config import DataConfig, ShardSourceConfig
-from chinese_clip.data.curate import CurateError, curate
+from chinese_clip.data.curate import CurateError, curate, select
 from chinese_clip.data.shards import check_parts
 from chinese_clip.data.stream import open_sources
 from chinese_clip.inference import load_model
@@ -98,6 +98,8 @@ def test_an_interrupted_curation_resumes_with_nothing_scored_twice(model_dir, tm
     predictor.encode_readable = dies_on_the_third_shard
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "resumed", keep_fraction=0.4)
+    with pytest.raises(CurateError, match="is cleaned but not all scored: run the same curate command again"):
+        select(tmp_path / "resumed" / "work", tmp_path / "resumed", None, 0.4)
     predictor.encode_readable = lambda images: calls.append(len(images)) or encode(images)
     resumed = run(tmp_path / "resumed", keep_fraction=0.4)
     assert calls == [6, 6, 6, 2]  # shards 0 and 1 before the interruption, 2 and 3 after it

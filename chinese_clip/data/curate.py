@@ -92,17 +92,18 @@ def units(work: Path) -> list[str]:
     [""] for a curation in one piece."""
     clean = work / "clean"
     parts = sorted(d.name for d in clean.iterdir() if PART_NAME.fullmatch(d.name)) if clean.is_dir() else []
-    if not parts:
-        return [""]
-    try:
-        check_parts(clean)  # every part there and finished, every input of the source in exactly one
-    except ValueError as e:
-        raise CurateError(f"{e} (curate --part I/N cleans and scores part I)") from None
-    for part in parts:
+    if parts:
+        try:
+            check_parts(clean)  # every part there and finished, every input of the source in exactly one
+        except ValueError as e:
+            raise CurateError(f"{e} (curate --part I/N cleans and scores part I)") from None
+    elif not (clean / "summary.json").is_file():
+        raise CurateError(f"{clean}: the cleaning did not finish; run the same curate command again")
+    for part in parts or [""]:
         shards = {s.name[6:11] for s in (clean / part).glob("shard-*.parquet")}
         if shards - {s.stem for s in (work / "scores" / part).glob("*.parquet")}:
-            raise CurateError(f"{part} is cleaned but not all scored: run its curate --part again")
-    return parts
+            raise CurateError(f"{clean / part} is cleaned but not all scored: run the same curate command again")
+    return parts or [""]
 
 
 def select(work: Path, out: Path, min_score: float | None, keep_fraction: float | None) -> dict:
