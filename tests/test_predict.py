@@ -254,8 +254,10 @@ def test_the_search_page_in_a_real_browser(model_dir, photos, tmp_path):
         expected = ImageIndex.open(index_dir).search(predictor.encode_texts("蓝色的正方形")[0], k=5)
         assert [key for key, _ in shown] == [hit.key for hit in expected]
         assert [score for _, score in shown] == pytest.approx([hit.score for hit in expected], abs=1e-4)  # 4 decimals shown
-        loaded = browser.execute_script(
-            "return Array.from(document.querySelectorAll('figure.hit img')).map(i => i.complete && i.naturalWidth > 0)")
+        images = "Array.from(document.querySelectorAll('figure.hit img'))"
+        # the figures are in the page before their images have arrived: wait for the browser to finish each
+        WebDriverWait(browser, 30).until(lambda b: b.execute_script(f"return {images}.every(i => i.complete)"))
+        loaded = browser.execute_script(f"return {images}.map(i => i.naturalWidth > 0)")
         assert loaded == [True] * 5  # every image was served and decoded by the browser
         assert browser.find_element(By.NAME, "q").get_attribute("value") == "蓝色的正方形"
 
