@@ -74,7 +74,12 @@ class ShardSource:
 
     @property
     def columns(self) -> list[str]:
-        return COLUMNS + (["score"] if self.min_score is not None else [])
+        return shard_columns(self.min_score)
+
+
+def shard_columns(min_score: float | None) -> list[str]:
+    """The columns training reads: a score too where a threshold filters by it."""
+    return COLUMNS + (["score"] if min_score is not None else [])
 
 
 def open_sources(cfg: DataConfig, world_size: int, say: Callable[[str], None] = print) -> list[ShardSource]:
@@ -97,9 +102,8 @@ def open_sources(cfg: DataConfig, world_size: int, say: Callable[[str], None] = 
             source = ShardSource(entry.path, tuple(files), None, entry.weight, "tar")
             say(f"data: {entry.path}: {len(files)} webdataset tars, weight {entry.weight:g}")
         else:
-            columns = COLUMNS + (["score"] if entry.min_score is not None else [])
             with ThreadPoolExecutor(16) as pool:  # footers only; on network storage the latency adds up
-                rows = list(pool.map(partial(_rows_in_shard, columns=columns), files))
+                rows = list(pool.map(partial(_rows_in_shard, columns=shard_columns(entry.min_score)), files))
             _check_complete(entry.path, files, rows)
             source = ShardSource(entry.path, tuple(f for f, n in zip(files, rows) if n), sum(rows), entry.weight,
                                  min_score=entry.min_score)
